@@ -1,0 +1,5 @@
+import sys
+
+from moe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,33 @@
+"""Install with ``pip install -e .[test]``; ``scripts/setup_env.sh`` does it in ``.venv`` without letting pip
+choose a CUDA torch on a CPU machine."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="moe-train",
+    version="0.1.0",
+    description="Mixture-of-Experts training: routers, grouped-GEMM experts, expert parallelism, upcycling, export",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe", "moe.*", "routing", "routing.*", "parallel", "parallel.*",
+                                    "kernels", "kernels.*", "tools", "tools.*"]),
+    # NOTE: torch is a floor only. scripts/setup_env.sh installs the CPU build (or keeps a GPU machine's own
+    # torch) before this, so pip never resolves torch itself.
+    install_requires=[
+        "torch>=2.4",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "tokenizers>=0.19",
+        "datasets>=2.19",
+        "tensorboard>=2.14",
+        "deepspeed>=0.14",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.46"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46"],
+        # MegaBlocks pins one old torch and builds CUDA code: GPU machines only.
+        "megablocks": ["megablocks"],
+    },
+    entry_points={"console_scripts": ["moe=moe.cli:main"]},
+)

@@ -1,0 +1,27 @@
+"""Shared test setup.
+
+Triton kernels run on CPU tensors under the Triton interpreter, which must be switched on before Triton is
+first imported (``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is decorated).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

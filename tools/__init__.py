@@ -1,0 +1,1 @@
+"""Thin programs over the library: benchmarks, upcycling, Hugging Face import and export."""
