@@ -34,6 +34,8 @@ class RouterConfig:
     # Router z-loss β·mean(logsumexp²) (ROUTERS.md §0.4b); 0 disables it.
     z_loss_coef: float = 0.0
     init_std: float = 0.02
+    # Settings of the named router beyond the common ones above (each router's ``Options`` dataclass).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1, f"router.top_k must be >= 1, got {self.top_k}")
@@ -43,7 +45,13 @@ class RouterConfig:
         # Validates the name against the registry (raises ValueError listing the valid names).
         from routing import router_class
 
-        router_class(self.name)
+        from_dict(router_class(self.name).Options, self.options, "router.options")
+
+    def router_options(self) -> Any:
+        """``options`` as the named router's ``Options`` dataclass."""
+        from routing import router_class
+
+        return from_dict(router_class(self.name).Options, self.options, "router.options")
 
 
 @dataclass(kw_only=True)

@@ -38,7 +38,7 @@ class MoELayer(nn.Module):
         token_ids_T = None if token_ids_BS is None else token_ids_BS.reshape(B * S)
 
         # 1. Route: a flat list of (token, expert, weight) assignments.
-        routing = self.router(x_TD, token_ids_T)
+        routing = self.router(x_TD, token_ids_T, S)
 
         # 2. Dispatch: group the assignments by expert (stable, so each expert sees its tokens in order).
         with torch.no_grad():

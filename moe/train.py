@@ -22,6 +22,7 @@ from tqdm import tqdm
 from moe.config import Recipe
 from moe.data import ByteBatches, stdlib_corpus
 from moe.model import MoEModel
+from routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, corpus_
     model = MoEModel(recipe.model).to(device)
     opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(t.seed)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
     log.info("model: %.2fM parameters, %.2fM active per token", model.num_parameters() / 1e6,
              model.num_parameters(active=True) / 1e6)
 
@@ -106,6 +108,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, corpus_
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for router in routers:
+            router.on_optimizer_step()
         loss_val = result.loss.item()
         if not math.isfinite(loss_val):
             raise RuntimeError(f"non-finite loss {loss_val} at step {step + 1}")

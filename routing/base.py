@@ -9,6 +9,8 @@ gives A = E·C, adaptive and hash routers give variable counts. One flat list fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,17 +42,44 @@ class Routing:
         return self.token_index.numel()
 
 
-class Router(nn.Module):
-    """Base class: ``forward(x_TD, token_ids_T) -> Routing``.
+@dataclass(kw_only=True)
+class NoOptions:
+    """Routers without settings of their own beyond ``RouterConfig``'s common ones."""
 
-    ``token_ids_T`` are the input token ids, which the model passes to every MoE layer (hash routing needs
-    them); routers that do not use them ignore them.
+
+class Router(nn.Module):
+    """Base class: ``forward(x_TD, token_ids_T, seq_len) -> Routing``.
+
+    Args of ``forward``:
+        x_TD: (T, D) the normalised hidden states, T = B·S flattened batch-major.
+        token_ids_T: (T,) the input token ids, which the model passes to every MoE layer (hash routing
+            needs them); routers that do not use them ignore them.
+        seq_len: S, so that sequence-level statistics can split the T tokens into B sequences.
+
+    Each router file defines its class, a ``@dataclass(kw_only=True) Options`` for its own settings (read
+    from ``router.options`` of a recipe; unknown keys are errors), and ``from_config``.
     """
 
+    Options: ClassVar[type] = NoOptions
     num_experts: int
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:  # pragma: no cover
+    @classmethod
+    def from_config(cls, moe_cfg: Any, hidden_size: int) -> "Router":  # pragma: no cover
+        """Build from a ``moe.config.MoEConfig`` (typed loosely so this package does not import ``moe``)."""
         raise NotImplementedError
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
+                seq_len: int | None = None) -> Routing:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_optimizer_step(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Called by the trainer once after every optimizer step, e.g. to update a load-balancing bias from
+        the load observed over the step's micro-batches. Routers without such state have nothing to do.
+
+        Args:
+            all_reduce: sums a tensor over the data-parallel ranks (given by ``parallel/`` when distributed,
+                None on one process), so that state derived from the load stays identical on every rank.
+        """
 
 
 def router_dtype(x: torch.Tensor) -> torch.dtype:

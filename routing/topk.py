@@ -64,10 +64,28 @@ class TopKRouter(Router):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E, D), like nn.Linear
         self.reset_parameters()
 
+    @classmethod
+    def from_config(cls, moe_cfg, hidden_size: int) -> "TopKRouter":
+        rc = moe_cfg.router
+        return cls(
+            hidden_size=hidden_size,
+            num_experts=moe_cfg.num_experts,
+            top_k=rc.top_k,
+            renormalize=rc.renormalize,
+            aux_loss_coef=rc.aux_loss_coef,
+            lb_f_normalization=rc.lb_f_normalization,
+            z_loss_coef=rc.z_loss_coef,
+            capacity_factor=moe_cfg.capacity_factor,
+            eval_capacity_factor=moe_cfg.eval_capacity_factor,
+            min_capacity=moe_cfg.min_capacity,
+            init_std=rc.init_std,
+        )
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
+                seq_len: int | None = None) -> Routing:
         T = x_TD.shape[0]
         E, K = self.num_experts, self.top_k
         # NOTE: router maths in fp32 (Switch Transformer): bf16 logits create ties and wrong top-k choices.

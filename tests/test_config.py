@@ -44,6 +44,7 @@ def test_dotted_overrides_parse_yaml_values():
         ("model: [1, 2]", "model: expected a mapping of ModelConfig fields"),
         ("- 1\n- 2", "must be a mapping of sections (model, train), got list"),
         ("model: {hidden_size: [", "is not valid YAML at line"),
+        ("model: {moe: {router: {options: {num_groups: 2}}}}", "unknown key router.options.num_groups"),
     ],
 )
 def test_malformed_recipes_give_one_line_errors(tmp_path, text, message):
