@@ -34,6 +34,10 @@ class RouterConfig:
     # Router z-loss β·mean(logsumexp²) (ROUTERS.md §0.4b); 0 disables it.
     z_loss_coef: float = 0.0
     init_std: float = 0.02
+    # Training-only noise (ROUTERS.md §1.7): none | input_jitter (router input × U(1-ε, 1+ε); the experts
+    # see the clean input) | logit_mult_jitter (logits × U(1-ε, 1+ε)) | gumbel (logits + Gumbel(0, 1)).
+    jitter: Literal["none", "input_jitter", "logit_mult_jitter", "gumbel"] = "none"
+    jitter_eps: float = 0.01
     # Settings of the named router beyond the common ones above (each router's ``Options`` dataclass).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -42,6 +46,7 @@ class RouterConfig:
         _require(self.aux_loss_coef >= 0, f"router.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         _require(self.z_loss_coef >= 0, f"router.z_loss_coef must be >= 0, got {self.z_loss_coef}")
         _require(self.init_std >= 0, f"router.init_std must be >= 0, got {self.init_std}")
+        _require(0 <= self.jitter_eps < 1, f"router.jitter_eps must be in [0, 1), got {self.jitter_eps}")
         # Validates the name against the registry (raises ValueError listing the valid names).
         from routing import router_class
 
