@@ -1,0 +1,197 @@
+"""Benchmark one MoE layer, forward + backward, against the FLOP-matched dense SwiGLU and peer implementations.
+
+    .venv/bin/python -m tools.bench_layer [--json FILE] [--quick] [--cases NAME ...] [--repeats N]
+
+Per case it times, in the same run: our MoE layer with each available expert backend (router, permutation
+and combine included), a dense SwiGLU with the same active FLOPs (intermediate k·F: the speed limit),
+`transformers`' Mixtral sparse-MoE block with its `eager` and `grouped_mm` experts, and DeepSpeed's MoE
+layer (top-k gate; dropless where it allows). Medians of ``--repeats`` runs after two warm-up runs.
+fp32 on a CPU, bf16 on a GPU. Prints a table and writes one JSON record per (case, implementation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from moe.config import MoEConfig, RouterConfig
+from moe.ffn import SwiGLU
+from moe.layer import MoELayer
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: int
+    hidden: int
+    experts: int
+    top_k: int
+    expert_hidden: int
+
+
+CASES = [
+    Case("T4096-D512-E8k2-F1024", 4096, 512, 8, 2, 1024),
+    Case("T4096-D1024-E8k2-F1024", 4096, 1024, 8, 2, 1024),
+    Case("T16384-D512-E8k2-F1024", 16384, 512, 8, 2, 1024),
+    Case("T4096-D512-E64k8-F128", 4096, 512, 64, 8, 128),
+    Case("T16384-D1024-E64k8-F128", 16384, 1024, 64, 8, 128),
+    Case("T4096-D512-E8k1-F1024", 4096, 512, 8, 1, 1024),
+]
+QUICK = ["T4096-D512-E8k2-F1024"]
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def time_fn(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Median wall time in ms of ``fn`` after two warm-up calls."""
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor, call: Callable) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        out = call(module, x)
+        out.float().sum().backward()
+
+    return run
+
+
+def ours(case: Case, backend: str, device, dtype) -> torch.nn.Module:
+    cfg = MoEConfig(num_experts=case.experts, expert_hidden_size=case.expert_hidden, backend=backend,
+                    router=RouterConfig(top_k=case.top_k, renormalize=True, aux_loss_coef=0.01))
+    return MoELayer(cfg, case.hidden).to(device, dtype)
+
+
+def _ours_call(layer, x):
+    out, routing = layer(x)
+    return out + sum(routing.losses.values())
+
+
+def hf_mixtral(case: Case, impl: str, device, dtype) -> torch.nn.Module:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=case.hidden, intermediate_size=case.expert_hidden,
+                        num_local_experts=case.experts, num_experts_per_tok=case.top_k,
+                        experts_implementation=impl)
+    block = MixtralSparseMoeBlock(cfg)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return block.to(device, dtype)
+
+
+def deepspeed_moe(case: Case, device, dtype) -> torch.nn.Module:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.moe.layer import MoE
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    expert = SwiGLU(case.hidden, case.expert_hidden)
+    # drop_tokens=False is DeepSpeed's dropless mode.
+    return MoE(hidden_size=case.hidden, expert=expert, num_experts=case.experts, ep_size=1, k=case.top_k,
+               capacity_factor=1.0, drop_tokens=False, use_residual=False).to(device, dtype)
+
+
+def _ds_call(layer, x):
+    out, aux, _ = layer(x)
+    return out + aux
+
+
+def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(1, case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
+    impls: list[tuple[str, Callable[[], torch.nn.Module], Callable]] = [
+        ("dense-swiglu", lambda: SwiGLU(case.hidden, case.top_k * case.expert_hidden).to(device, dtype),
+         lambda m, x: m(x)),
+    ]
+    for backend in kernels.BACKENDS:
+        ok, why = kernels.backend_status(backend, device, dtype, case.hidden, 2 * case.expert_hidden)
+        if backend == "triton" and device.type == "cpu":
+            ok = False  # the interpreter is for correctness only
+        if ok:
+            impls.append((f"ours-{backend}", lambda b=backend: ours(case, b, device, dtype), _ours_call))
+    impls.append(("ours-auto", lambda: ours(case, "auto", device, dtype), _ours_call))
+    impls.append(("hf-mixtral-eager", lambda: hf_mixtral(case, "eager", device, dtype), lambda m, x: m(x)))
+    impls.append(("hf-mixtral-grouped_mm", lambda: hf_mixtral(case, "grouped_mm", device, dtype), lambda m, x: m(x)))
+    impls.append(("deepspeed-moe", lambda: deepspeed_moe(case, device, dtype), _ds_call))
+
+    records, dense_ms = [], None
+    for name, build, call in impls:
+        record = {"case": case.name, "impl": name, "tokens": case.tokens, "hidden": case.hidden,
+                  "experts": case.experts, "top_k": case.top_k, "expert_hidden": case.expert_hidden,
+                  "dtype": str(dtype).removeprefix("torch.")}
+        try:
+            module = build()
+            ms = time_fn(_fwd_bwd(module, x, call), repeats, device)
+            record["median_ms"] = round(ms, 3)
+            if name == "dense-swiglu":
+                dense_ms = ms
+            record["ratio_vs_dense"] = round(ms / dense_ms, 3) if dense_ms else None
+        except Exception as e:  # a peer that cannot run here is reported, not fatal
+            record["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        records.append(record)
+        print(f"{case.name:26s} {name:24s} "
+              + (f"{record['median_ms']:9.1f} ms  {record['ratio_vs_dense']:.2f}x" if "median_ms" in record
+                 else f"error: {record['error']}"), flush=True)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the records to this file")
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--cases", nargs="*", help=f"case names (default: all): {', '.join(c.name for c in CASES)}")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    names = QUICK if args.quick else args.cases or [c.name for c in CASES]
+    unknown = sorted(set(names) - {c.name for c in CASES})
+    if unknown:
+        parser.error(f"unknown case {unknown[0]}; valid: {', '.join(c.name for c in CASES)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    records = []
+    for case in CASES:
+        if case.name in names:
+            records.extend(bench_case(case, args.repeats, device, dtype))
+    result = {"machine": machine(), "repeats": args.repeats, "records": records}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
