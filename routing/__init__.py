@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 from routing.base import Router, Routing, routing_stats
+from routing.adaptive import AdaptiveRouter
+from routing.grin import GrinRouter
+from routing.top_p import TopPRouter
+from routing.expert_choice import ExpertChoiceRouter
+from routing.gshard import GShardRouter
+from routing.hash import HashRouter
+from routing.sigmoid import SigmoidRouter
+from routing.switch import SwitchRouter
 from routing.topk import TopKRouter
 
 # Config name -> router class. Each class is built by ``build_router`` from the MoE config.
 ROUTERS: dict[str, type[Router]] = {
     "topk": TopKRouter,
+    "adaptive": AdaptiveRouter,
+    "top_p": TopPRouter,
+    "grin": GrinRouter,
+    "sigmoid": SigmoidRouter,
+    "switch": SwitchRouter,
+    "gshard": GShardRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "hash": HashRouter,
 }
 
 
@@ -16,7 +32,8 @@ def router_class(name: str) -> type[Router]:
     try:
         return ROUTERS[name]
     except KeyError:
-        raise ValueError(f"unknown router {name!r}; valid routers: {', '.join(sorted(ROUTERS))}") from None
+        # Registry order, so the default ("topk") comes first.
+        raise ValueError(f"unknown router {name!r}; valid routers: {', '.join(ROUTERS)}") from None
 
 
 def build_router(moe_cfg, hidden_size: int) -> Router:

@@ -28,6 +28,9 @@ class Routing:
         losses: name -> scalar tensor, each already multiplied by its coefficient; the model adds their sum
             to the task loss. Not divided by layers or accumulation steps.
         stats: name -> detached tensor, for logs (load, entropy, dropped fraction, ...).
+        expert_grad_scale: None (ordinary gradients), or (A,) detached: the gradient flowing back into each
+            assignment's expert output is multiplied by it, the forward value unchanged. GRIN's SparseMixer-v2
+            gives ``1/s`` so that the experts learn from ``p·FFN`` while the forward is ``s·p·FFN`` (ROUTERS.md §5.3).
     """
 
     token_index: torch.Tensor
@@ -36,6 +39,7 @@ class Routing:
     tokens_per_expert: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_grad_scale: torch.Tensor | None = None
 
     @property
     def num_assignments(self) -> int:
@@ -80,6 +84,12 @@ class Router(nn.Module):
             all_reduce: sums a tensor over the data-parallel ranks (given by ``parallel/`` when distributed,
                 None on one process), so that state derived from the load stays identical on every rank.
         """
+
+
+def loss_overrides(router_cfg: Any) -> dict[str, Any]:
+    """The load-balancing settings a recipe set explicitly; unset (None) ones keep the router's default."""
+    names = ("aux_loss_coef", "lb_f_normalization")
+    return {n: getattr(router_cfg, n) for n in names if getattr(router_cfg, n) is not None}
 
 
 def router_dtype(x: torch.Tensor) -> torch.dtype:

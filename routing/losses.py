@@ -33,19 +33,22 @@ def load_balancing_loss(
         num_experts: E.
         normalization: how f is normalised (ROUTERS.md §0.4a).
     Returns:
-        scalar fp32 tensor.
+        scalar fp32 tensor (float64 for float64 probabilities).
     """
-    T, K = indices_TK.shape
+    T = indices_TK.shape[0]
+    dtype = torch.promote_types(probs_TE.dtype, torch.float32)  # fp32, or float64 for exact tests
     with torch.no_grad():
         chosen_TK = indices_TK[:, :1] if normalization == "first_choice" else indices_TK
         valid = chosen_TK >= 0
-        counts_E = torch.bincount(chosen_TK[valid], minlength=num_experts).float()
-        denom = T * (K if normalization == "assignments" else 1)
-        f_E = counts_E / max(denom, 1)
-    P_E = probs_TE.float().mean(dim=0)
+        counts_E = torch.bincount(chosen_TK[valid], minlength=num_experts).to(dtype)
+        # "assignments" divides by the assignments actually chosen: T·K for fixed-k routers, and the variable
+        # count for adaptive / top-p ones (their empty -1 slots are not assignments), so that Σf = 1.
+        denom = valid.sum().clamp(min=1) if normalization == "assignments" else max(T, 1)
+        f_E = counts_E / denom
+    P_E = probs_TE.to(dtype).mean(dim=0)
     return num_experts * (f_E * P_E).sum()
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss ``mean_t (logsumexp_e z_te)²`` (ST-MoE); multiply by β outside."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return torch.logsumexp(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1).square().mean()

@@ -1,0 +1,285 @@
+"""DeepSeek-V3 sigmoid gating (ROUTERS.md §1.3) with auxiliary-loss-free load balancing (§4.3), optional
+group-limited routing and the sequence-wise auxiliary loss (§0.4a).
+
+Shape legend: T tokens, D model width, E experts, K = top_k slots per token, G expert groups,
+B sequences (T = B·S), A assignments.
+
+    s  = σ(W x)                                       scores, in fp32
+    s̃  = s + b                                        b: per-expert bias, fp32 buffer, selection only
+    group-limited: keep the topk_groups best of n_groups contiguous groups (score = sum of the top-2 s̃,
+                   or max s̃ without a bias); every other expert's s̃ becomes −inf (not 0: s̃ may be < 0)
+    I  = TopK(s̃, K)
+    w  = route_scale · s_I / Σ s_I                    from the UNBIASED s (HF and vLLM both had to fix this)
+
+After each optimizer step ``b_e ← b_e + u · sign(mean(c) − c_e)``, with ``c`` the assignments per expert
+counted over every training forward since the last step (all micro-batches) and summed over the
+data-parallel ranks, so that every replica keeps the same ``b`` and routes alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from routing.base import Router, Routing, router_dtype
+from routing.jitter import Jitter
+from routing.losses import load_balancing_loss
+from routing.token_choice import common_router_kwargs, token_choice_routing, topk_indices
+
+
+@dataclass(kw_only=True)
+class SigmoidOptions:
+    """``router.options`` of the ``sigmoid`` router; defaults are DeepSeek-V3's except the groups."""
+
+    # Multiplies the normalised weights (V3: 2.5). Forgetting it changes the output scale (§1.3 pitfall 5).
+    route_scale: float = 2.5
+    # Group-limited routing: E splits into n_groups contiguous groups and each token may only use experts of
+    # its topk_groups best groups. V3 uses 8 / 4 with E = 256; 1 / 1 (off) here because it depends on E.
+    n_groups: int = 1
+    topk_groups: int = 1
+    # Auxiliary-loss-free balancing (§4.3): a per-expert selection bias, updated after each optimizer step.
+    loss_free_bias: bool = True
+    # u of the update b ← b + u·sign(mean(c) − c). V3: 1e-3 (0 for its last 500B tokens: b frozen, still used).
+    bias_update_rate: float = 1e-3
+    # α of the sequence-wise balance loss α·Σ_e f_e·P_e, averaged over sequences (V3: 1e-4; 0 disables it).
+    seq_aux_loss_coef: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not self.route_scale > 0:
+            raise ValueError(f"router.options.route_scale must be > 0, got {self.route_scale}")
+        if self.n_groups < 1:
+            raise ValueError(f"router.options.n_groups must be >= 1, got {self.n_groups}")
+        if not 1 <= self.topk_groups <= self.n_groups:
+            raise ValueError(
+                f"router.options.topk_groups must be between 1 and router.options.n_groups={self.n_groups}, "
+                f"got {self.topk_groups}"
+            )
+        if self.bias_update_rate < 0:
+            raise ValueError(f"router.options.bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if self.seq_aux_loss_coef < 0:
+            raise ValueError(f"router.options.seq_aux_loss_coef must be >= 0, got {self.seq_aux_loss_coef}")
+
+
+class SigmoidRouter(Router):
+    """Sigmoid scores, optional group limit and selection bias, weights normalised over the selected experts.
+
+    Args:
+        hidden_size: D.
+        num_experts: E.
+        top_k: K.
+        renormalize: divide the selected scores by their sum (V3); False gives ``route_scale · s``.
+        aux_loss_coef: α of the batch-wise Switch load-balancing loss on the sum-normalised scores
+            (0 disables it; V3 relies on the bias and the tiny sequence-wise loss instead).
+        lb_f_normalization: how that loss's ``f`` is normalised (ROUTERS.md §0.4a).
+        z_loss_coef: must be 0: the z-loss is defined for softmax routers only.
+        capacity_factor: None for dropless (V3 is dropless); else the training capacity factor.
+        eval_capacity_factor: capacity factor in ``eval()`` mode (None: dropless).
+        min_capacity: lower bound on the slots per expert.
+        init_std: std of the normal init of ``W``.
+        jitter: training-only noise (ROUTERS.md §1.7); ``gumbel`` perturbs the logits of the selection only.
+        jitter_eps: its ε.
+        options: the settings of ``SigmoidOptions``.
+    """
+
+    Options = SigmoidOptions
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool = True,
+        aux_loss_coef: float = 0.0,
+        lb_f_normalization: str = "assignments",
+        z_loss_coef: float = 0.0,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        init_std: float = 0.02,
+        jitter: str = "none",
+        jitter_eps: float = 1e-2,
+        options: SigmoidOptions | None = None,
+    ) -> None:
+        super().__init__()
+        opts = options or SigmoidOptions()
+        E = num_experts
+        if not 1 <= top_k <= E:
+            raise ValueError(f"top_k must be between 1 and num_experts={E}, got {top_k}")
+        if z_loss_coef != 0:
+            raise ValueError(
+                f"router.z_loss_coef must be 0 for the sigmoid router (the z-loss is defined for softmax routers "
+                f"only, ROUTERS.md §1.3), got {z_loss_coef}"
+            )
+        if E % opts.n_groups:
+            raise ValueError(f"router.options.n_groups={opts.n_groups} must divide moe.num_experts={E}")
+        group_size = E // opts.n_groups
+        if opts.topk_groups * group_size < top_k:
+            raise ValueError(
+                f"router.options.topk_groups={opts.topk_groups} keeps {opts.topk_groups * group_size} experts, "
+                f"fewer than router.top_k={top_k}"
+            )
+        if opts.n_groups > 1 and opts.loss_free_bias and group_size < 2:
+            raise ValueError(
+                f"router.options.n_groups={opts.n_groups} leaves {group_size} expert per group; with the "
+                "loss-free bias a group's score is the sum of its top-2 scores, so groups need >= 2 experts"
+            )
+        self.num_experts = E
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.aux_loss_coef = aux_loss_coef
+        self.lb_f_normalization = lb_f_normalization
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.init_std = init_std
+        self.options = opts
+        self.jitter = Jitter(jitter, jitter_eps)
+        self.weight = nn.Parameter(torch.empty(E, hidden_size))  # (E, D), like nn.Linear
+        if opts.loss_free_bias:
+            # A buffer, not a parameter: no gradient, in no optimizer group, no weight decay, saved in the
+            # state dict under DeepSeek's name. fp32 always (see _apply): updates of 1e-3 vanish in bf16
+            # next to values near 2, which released V3 biases have.
+            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        else:
+            self.register_buffer("e_score_correction_bias", None)
+        # Assignments per expert over the training forwards since the last optimizer step. Not a buffer: it is
+        # not saved, and DDP's buffer broadcast would overwrite each rank's own count with rank 0's.
+        self.load_since_step = torch.zeros(E, dtype=torch.int64)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, moe_cfg, hidden_size: int) -> "SigmoidRouter":
+        return cls(**common_router_kwargs(moe_cfg, hidden_size), options=moe_cfg.router.router_options())
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def _apply(self, fn, recurse: bool = True):
+        # NOTE: model.to(torch.bfloat16) / .half() / .double() would cast the bias like any float buffer
+        # (ROUTERS.md §4.3 pitfall 3, vLLM PR 23640). Follow the device move, keep the fp32 values.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if bias is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["e_score_correction_bias"] = moved.float() if bias.is_meta else bias.to(moved.device)
+        device = self.weight.device
+        if self.load_since_step.device != device:
+            load = self.load_since_step
+            self.load_since_step = torch.zeros_like(load, device=device) if load.is_meta else load.to(device)
+        return self
+
+    def _limit_groups(self, sel_TE: torch.Tensor) -> torch.Tensor:
+        """Set the selection score of every expert outside the token's topk_groups best groups to −inf."""
+        T, E = sel_TE.shape
+        G = self.options.n_groups
+        sel_TGM = sel_TE.view(T, G, E // G)
+        if self.e_score_correction_bias is not None:
+            group_TG = sel_TGM.topk(2, dim=-1).values.sum(-1)  # only values are used, so ties do not matter
+        else:
+            group_TG = sel_TGM.amax(dim=-1)
+        groups_TK = topk_indices(group_TG, self.options.topk_groups)
+        keep_TG = torch.zeros(T, G, dtype=torch.bool, device=sel_TE.device).scatter_(1, groups_TK, True)
+        # −inf, not 0: with the bias, s̃ can be negative everywhere and masked experts would then win.
+        return sel_TGM.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
+                seq_len: int | None = None) -> Routing:
+        E, K = self.num_experts, self.top_k
+        bias_E = self.e_score_correction_bias
+        # NOTE: router maths in fp32 with autocast off (see TopKRouter); float64 stays float64 for exact tests.
+        dtype = router_dtype(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            xr_TD = self.jitter.router_input(x_TD.to(dtype))
+            logits_TE = self.jitter.logits(nn.functional.linear(xr_TD, self.weight.to(dtype)))
+            scores_TE = torch.sigmoid(logits_TE)
+            with torch.no_grad():
+                sel_TE = torch.sigmoid(self.jitter.selection(logits_TE))
+                if bias_E is not None:
+                    sel_TE = sel_TE + bias_E.to(dtype)  # the bias chooses, it never weighs
+                if self.options.n_groups > 1:
+                    sel_TE = self._limit_groups(sel_TE)
+                indices_TK = topk_indices(sel_TE, K)
+            weights_TK = scores_TE.gather(1, indices_TK)
+            if self.renormalize:
+                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            weights_TK = self.options.route_scale * weights_TK
+            # The distribution the balance losses use: sum-normalised scores s' (ROUTERS.md §0.4a).
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+        with torch.no_grad():
+            selected_E = torch.bincount(indices_TK.reshape(-1), minlength=E)
+            if bias_E is not None and self.training:
+                # Every training forward counts (gradient accumulation), whether or not capacity drops it.
+                # NOTE: a forward recomputed by activation checkpointing counts twice; the sign update does not
+                # notice as long as every micro-batch is recomputed alike.
+                self.load_since_step += selected_E
+            mean = selected_E.float().mean()
+            max_violation = (selected_E.max().float() - mean) / mean.clamp(min=1e-9)
+
+        losses: dict[str, torch.Tensor] = {}
+        if self.aux_loss_coef > 0:
+            lb = load_balancing_loss(probs_TE, indices_TK, E, self.lb_f_normalization)  # type: ignore[arg-type]
+            losses["load_balancing"] = self.aux_loss_coef * lb
+        if self.options.seq_aux_loss_coef > 0:
+            seq_lb = sequence_load_balancing_loss(probs_TE, indices_TK, E, seq_len)
+            losses["seq_load_balancing"] = self.options.seq_aux_loss_coef * seq_lb
+
+        return token_choice_routing(
+            indices_TK,
+            weights_TK,
+            probs_TE,
+            num_experts=E,
+            capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
+            min_capacity=self.min_capacity,
+            losses=losses,
+            extra_stats={"max_violation": max_violation},
+        )
+
+    @torch.no_grad()
+    def on_optimizer_step(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``b_e ← b_e + u · sign(mean(c) − c_e)`` from the load since the last step, summed over the ranks.
+
+        Every rank must call this (the all-reduce is collective), also when it saw no tokens. With no load
+        at all, ``mean(c) − c = 0`` and ``b`` stays as it is.
+        """
+        if self.e_score_correction_bias is None:
+            return
+        load_E = self.load_since_step.clone()
+        if all_reduce is not None:
+            load_E = all_reduce(load_E)
+        self.load_since_step.zero_()
+        # sign(mean(c) − c_e) = sign(Σc − E·c_e), exact in integers.
+        direction_E = torch.sign(load_E.sum() - self.num_experts * load_E).to(torch.float32)
+        self.e_score_correction_bias.add_(direction_E, alpha=self.options.bias_update_rate)
+
+
+def sequence_load_balancing_loss(
+    probs_TE: torch.Tensor, indices_TK: torch.Tensor, num_experts: int, seq_len: int | None
+) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss ``mean_b Σ_e f_be · P_be`` (multiply by α outside).
+
+    ``f_be = E/(K·S) · #{t in sequence b : e ∈ I_t}`` (no gradient; 1 for every expert at balance) and
+    ``P_be = mean_t s'_te`` over the sequence, so the loss is 1 at perfect balance.
+
+    Args:
+        probs_TE: (T, E) sum-normalised scores s'.
+        indices_TK: (T, K) the selected experts (before any capacity drop).
+        num_experts: E.
+        seq_len: S, with T = B·S batch-major; None treats the T tokens as one sequence.
+    """
+    T, K = indices_TK.shape
+    S = T if seq_len is None else seq_len
+    if S < 1 or T % S:
+        raise ValueError(f"seq_len={seq_len} must be >= 1 and divide the {T} tokens routed together")
+    B = T // S
+    with torch.no_grad():
+        counts_BE = torch.zeros(B, num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
+        ones_BA = torch.ones(B, S * K, dtype=probs_TE.dtype, device=probs_TE.device)
+        counts_BE.scatter_add_(1, indices_TK.reshape(B, S * K), ones_BA)
+        f_BE = counts_BE * (num_experts / (K * S))
+    P_BE = probs_TE.reshape(B, S, num_experts).mean(dim=1)
+    return (f_BE * P_BE).sum(dim=-1).mean()

@@ -1,0 +1,196 @@
+"""Dynamic top-p routing: as many experts as it takes to cover probability mass θ (ROUTERS.md §4.2).
+
+Shape legend: T tokens, D model width, E experts, K = max_experts slots per token, A assignments.
+
+Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models". Sort each token's
+softmax probabilities in descending order and select the shortest prefix whose cumulative sum exceeds θ;
+the expert that crosses θ is included, so a token always gets at least one expert. Weights are the raw
+selected probabilities, not renormalized (as in the authors' code). An entropy loss ``β·mean_t H(p_t)``
+sharpens the router; without it the router drifts towards uniform and activates many experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from routing.adaptive import mean_k_capacity_factor
+from routing.base import Router, Routing, loss_overrides, router_dtype
+from routing.jitter import Jitter
+from routing.losses import load_balancing_loss, z_loss
+from routing.token_choice import token_choice_routing
+
+
+@dataclass(kw_only=True)
+class TopPOptions:
+    """``router.options`` of the ``top_p`` router.
+
+    Attributes:
+        threshold: θ in [0, 1); 0.4 is the authors' config default. θ = 0 is top-1 without renormalization.
+        boundary: ``"strict"`` selects up to the first j with ``c_j > θ`` (the authors' code);
+            ``"inclusive"`` with ``c_j >= θ`` (the paper's text). They differ only when ``c_j == θ`` exactly.
+        max_experts: k_max, the most experts a token may get (None: E). A flat router otherwise activates all.
+        entropy_loss_coef: β of the dynamic (entropy) loss ``β·mean_t H(p_t)`` (paper: 1e-4; 0 disables it).
+    """
+
+    threshold: float = 0.4
+    boundary: Literal["strict", "inclusive"] = "strict"
+    max_experts: int | None = None
+    entropy_loss_coef: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"router.options.threshold must be in [0, 1), got {self.threshold}")
+        if self.boundary not in ("strict", "inclusive"):
+            raise ValueError(f"router.options.boundary must be 'strict' or 'inclusive', got {self.boundary!r}")
+        if self.max_experts is not None and self.max_experts < 1:
+            raise ValueError(f"router.options.max_experts must be >= 1 or null, got {self.max_experts}")
+        if not self.entropy_loss_coef >= 0:
+            raise ValueError(f"router.options.entropy_loss_coef must be >= 0, got {self.entropy_loss_coef}")
+
+
+@torch.no_grad()
+def top_p_indices(probs_TE: torch.Tensor, threshold: float, max_experts: int,
+                  boundary: str = "strict") -> torch.Tensor:
+    """(T, max_experts) experts in descending probability, ``-1`` after the one whose cumulative sum crosses θ.
+
+    Ties break towards the lower expert index (stable sort). The count is ``1 + #{j : c_j <= θ}`` (strict) or
+    ``1 + #{j : c_j < θ}`` (inclusive), capped at ``max_experts``: c is non-decreasing, so those j form a
+    prefix, and a cumulative sum that rounds to just below 1 with θ close to 1 still selects every expert.
+
+    Args:
+        probs_TE: (T, E) router probabilities (fp32 or float64; never bf16, whose cumulative sums are wrong).
+        threshold: θ.
+        max_experts: K, at most E.
+        boundary: ``"strict"`` or ``"inclusive"``.
+    """
+    sorted_TE, order_TE = torch.sort(probs_TE, dim=-1, descending=True, stable=True)
+    cum_TE = sorted_TE.cumsum(dim=-1)
+    below_TE = cum_TE <= threshold if boundary == "strict" else cum_TE < threshold
+    count_T1 = (below_TE.sum(dim=-1, keepdim=True) + 1).clamp(max=max_experts)
+    slot_K = torch.arange(max_experts, device=probs_TE.device)
+    return torch.where(slot_K < count_T1, order_TE[:, :max_experts], torch.full_like(order_TE[:, :max_experts], -1))
+
+
+def entropy_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """``mean_t H(softmax(z_t))``, ``H(p) = -Σ_e p_e log p_e``; multiply by β outside.
+
+    ``log_softmax`` keeps ``log p`` finite where ``p`` underflows to 0, so ``0·log 0`` never becomes NaN.
+    """
+    log_p_TE = torch.log_softmax(logits_TE, dim=-1)
+    return -(log_p_TE.exp() * log_p_TE).sum(dim=-1).mean()
+
+
+class TopPRouter(Router):
+    """Linear router ``z = W x``; softmax in fp32; the smallest descending prefix with mass above θ.
+
+    The common ``router.top_k`` and ``router.renormalize`` do not apply; ``self.top_k`` is ``max_experts``, the
+    most a token can get. The load-balancing ``f`` uses ``router.lb_f_normalization`` over the variable set
+    (``"assignments"``, the default, gives Σf = 1, as ROUTERS.md §4.2 suggests). With a capacity factor, C is
+    sized by the group's mean experts per token (``routing.adaptive.mean_k_capacity_factor``).
+
+    Args:
+        hidden_size: D.
+        num_experts: E.
+        options: the router's own settings.
+        aux_loss_coef, lb_f_normalization, z_loss_coef, capacity_factor, eval_capacity_factor, min_capacity,
+        init_std, jitter, jitter_eps: as for ``TopKRouter`` (``jitter="gumbel"`` is refused: the rule reads
+            the probabilities, and no source defines a noisy cumulative mass).
+    """
+
+    Options = TopPOptions
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_experts: int,
+        options: TopPOptions | None = None,
+        aux_loss_coef: float = 0.01,
+        lb_f_normalization: str = "assignments",
+        z_loss_coef: float = 0.0,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        init_std: float = 0.02,
+        jitter: str = "none",
+        jitter_eps: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        self.options = options or TopPOptions()
+        k_max = self.options.max_experts
+        if k_max is not None and k_max > num_experts:
+            raise ValueError(f"router.options.max_experts must be <= moe.num_experts={num_experts}, got {k_max}")
+        if jitter == "gumbel":
+            raise ValueError("router.jitter: 'gumbel' is not defined for the top_p router; use none, "
+                             "input_jitter or logit_mult_jitter")
+        self.num_experts = num_experts
+        self.top_k = k_max or num_experts
+        self.aux_loss_coef = aux_loss_coef
+        self.lb_f_normalization = lb_f_normalization
+        self.z_loss_coef = z_loss_coef
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.init_std = init_std
+        self.jitter = Jitter(jitter, jitter_eps)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E, D), like nn.Linear
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, moe_cfg, hidden_size: int) -> "TopPRouter":
+        rc = moe_cfg.router
+        return cls(
+            hidden_size=hidden_size,
+            num_experts=moe_cfg.num_experts,
+            options=rc.router_options(),
+            **loss_overrides(rc),
+            z_loss_coef=rc.z_loss_coef,
+            capacity_factor=moe_cfg.capacity_factor,
+            eval_capacity_factor=moe_cfg.eval_capacity_factor,
+            min_capacity=moe_cfg.min_capacity,
+            init_std=rc.init_std,
+            jitter=rc.jitter,
+            jitter_eps=rc.jitter_eps,
+        )
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
+                seq_len: int | None = None) -> Routing:
+        E = self.num_experts
+        opts = self.options
+        # NOTE: fp32 router maths (float64 for float64 inputs), autocast off: the cumulative sum must not be bf16.
+        dtype = router_dtype(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            xr_TD = self.jitter.router_input(x_TD.to(dtype))
+            logits_TE = self.jitter.logits(nn.functional.linear(xr_TD, self.weight.to(dtype)))
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            indices_TK = top_p_indices(probs_TE, opts.threshold, self.top_k, opts.boundary)
+            # Raw probabilities, not renormalized (authors' code); empty slots gather expert 0 and are dropped.
+            weights_TK = probs_TE.gather(1, indices_TK.clamp(min=0))
+
+            losses: dict[str, torch.Tensor] = {}
+            if self.aux_loss_coef > 0:
+                lb = load_balancing_loss(probs_TE, indices_TK, E, self.lb_f_normalization)  # type: ignore[arg-type]
+                losses["load_balancing"] = self.aux_loss_coef * lb
+            if opts.entropy_loss_coef > 0:
+                losses["entropy"] = opts.entropy_loss_coef * entropy_loss(logits_TE)
+            if self.z_loss_coef > 0:
+                losses["z_loss"] = self.z_loss_coef * z_loss(logits_TE)
+
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        return token_choice_routing(
+            indices_TK,
+            weights_TK,
+            probs_TE,
+            num_experts=E,
+            capacity_factor=mean_k_capacity_factor(cf, indices_TK),
+            min_capacity=self.min_capacity,
+            losses=losses,
+            has_empty_slots=True,
+        )
