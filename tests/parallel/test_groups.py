@@ -1,0 +1,47 @@
+"""Cheapest tier, no processes: the group layout, its start-up errors, and the dispatcher's regrouping."""
+
+import pytest
+import torch
+
+from parallel import build_expert_parallel_groups, expert_parallel_layout, source_to_expert_order
+
+
+@pytest.mark.parametrize("world_size, ep_size, ep_groups, edp_groups", [
+    (1, 1, [[0]], [[0]]),
+    (4, 1, [[0], [1], [2], [3]], [[0, 1, 2, 3]]),
+    (4, 2, [[0, 1], [2, 3]], [[0, 2], [1, 3]]),
+    (4, 4, [[0, 1, 2, 3]], [[0], [1], [2], [3]]),
+    (6, 3, [[0, 1, 2], [3, 4, 5]], [[0, 3], [1, 4], [2, 5]]),
+])
+def test_layout_is_deepspeeds_expert_then_data(world_size, ep_size, ep_groups, edp_groups):
+    # DeepSpeed's _create_expert_and_data_parallel: EP groups of consecutive ranks, expert-data-parallel
+    # groups of every ep_size-th rank.
+    assert expert_parallel_layout(world_size, ep_size, num_experts=ep_size * 2) == (ep_groups, edp_groups)
+
+
+@pytest.mark.parametrize("world_size, ep_size, num_experts, message", [
+    (4, 3, None, "world size 4 is not divisible by ep_size 3.*valid ep_size: \\[1, 2, 4\\]"),
+    (4, 4, 6, "num_experts 6 is not divisible by ep_size 4.*valid ep_size: \\[1, 2\\]"),
+    (4, 0, 8, "ep_size must be >= 1, got 0"),
+    (0, 1, 8, "world_size must be >= 1"),
+])
+def test_bad_sizes_are_value_errors_before_any_group_is_made(world_size, ep_size, num_experts, message):
+    with pytest.raises(ValueError, match=message):
+        expert_parallel_layout(world_size, ep_size, num_experts)
+    # the builder checks the sizes first, so it fails the same way on every rank, even before init
+    with pytest.raises(ValueError, match=message):
+        build_expert_parallel_groups(world_size, 0, ep_size, num_experts)
+
+
+def test_builder_needs_an_initialised_default_group():
+    with pytest.raises(ValueError, match="not initialised"):
+        build_expert_parallel_groups(2, 0, 2, 4)
+
+
+def test_source_to_expert_order_worked_example():
+    # P = 2 sources, X = 2 local experts. Received (source-major): s0e0 s0e0 | s0e1 | s1e0 | s1e1 s1e1
+    #                                           rows:              0    1      2      3      4    5
+    recv_PX = torch.tensor([[2, 1], [1, 2]])
+    # expert-major: e0 from s0 (0, 1), e0 from s1 (3), e1 from s0 (2), e1 from s1 (4, 5)
+    assert source_to_expert_order(recv_PX).tolist() == [0, 1, 3, 2, 4, 5]
+    assert source_to_expert_order(torch.zeros(3, 2, dtype=torch.int64)).tolist() == []
