@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from kernels import reference
+
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -41,5 +43,9 @@ def gather_grouped_mm(
 ) -> torch.Tensor:
     """``y_AN = x_TK[rows_A] @ w_EKN[e]`` per group; autograd comes from PyTorch's own op."""
     x_AK = x_TK if rows_A is None else x_TK.index_select(0, rows_A)
+    if x_AK.shape[0] == 0:
+        # NOTE: grouped_mm's backward fails on zero rows ("Invalid strides/sizes"); the reference gives the
+        # empty result still connected to the weights (their gradient is exactly zero).
+        return reference.grouped_mm(x_AK, w_EKN, counts_E)
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     return _function()(x_AK, w_EKN, offs=offs_E)

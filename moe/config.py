@@ -6,7 +6,7 @@ the MoE layer settings and ``model.moe.router`` the router's. Every field is doc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +28,11 @@ class RouterConfig:
     top_k: int = 2
     # Mixtral: divide the selected probabilities by their sum (ROUTERS.md §1.2). False is softmax-then-top-k (§1.1).
     renormalize: bool = True
-    # Switch load-balancing loss α·E·Σ f·P, per layer (ROUTERS.md §0.4a).
-    aux_loss_coef: float = 0.01
-    lb_f_normalization: Literal["assignments", "first_choice", "tokens"] = "assignments"
+    # Switch load-balancing loss α·E·Σ f·P, per layer (ROUTERS.md §0.4a), and how its f is normalised.
+    # null: the named router's own default (topk 0.01 / "assignments", gshard "first_choice", sigmoid 0 —
+    # it balances with its bias —, grin 0.001; see each router's docstring).
+    aux_loss_coef: float | None = None
+    lb_f_normalization: Literal["assignments", "first_choice", "tokens"] | None = None
     # Router z-loss β·mean(logsumexp²) (ROUTERS.md §0.4b); 0 disables it.
     z_loss_coef: float = 0.0
     init_std: float = 0.02
@@ -43,7 +45,8 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1, f"router.top_k must be >= 1, got {self.top_k}")
-        _require(self.aux_loss_coef >= 0, f"router.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        _require(self.aux_loss_coef is None or self.aux_loss_coef >= 0,
+                 f"router.aux_loss_coef must be >= 0 or null, got {self.aux_loss_coef}")
         _require(self.z_loss_coef >= 0, f"router.z_loss_coef must be >= 0, got {self.z_loss_coef}")
         _require(self.init_std >= 0, f"router.init_std must be >= 0, got {self.init_std}")
         _require(0 <= self.jitter_eps < 1, f"router.jitter_eps must be in [0, 1), got {self.jitter_eps}")
@@ -78,6 +81,8 @@ class MoEConfig:
     # Layer i is MoE iff i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0.
     moe_every: int = 1
     first_dense_layers: int = 0
+    # Qwen2-MoE: scale the shared experts' output by sigmoid(x · w) with a learned w [1, D]. Needs shared experts.
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, f"moe.num_experts must be >= 1, got {self.num_experts}")
@@ -101,6 +106,10 @@ class MoEConfig:
         )
         _require(self.moe_every >= 1, f"moe.moe_every must be >= 1, got {self.moe_every}")
         _require(self.first_dense_layers >= 0, f"moe.first_dense_layers must be >= 0, got {self.first_dense_layers}")
+        _require(
+            not self.shared_expert_gate or self.num_shared_experts >= 1,
+            "moe.shared_expert_gate needs shared experts (moe.num_shared_experts >= 1)",
+        )
 
     def is_moe_layer(self, index: int) -> bool:
         i = index - self.first_dense_layers
@@ -129,6 +138,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
+    # Qwen2: biases on the q/k/v projections only (o has none); attention_bias puts them on all four (Llama).
+    qkv_bias: bool = False
+    # Qwen3: RMSNorm over each head's query and key (weights [Hd]) before the rotary embedding.
+    qk_norm: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     moe: MoEConfig | None = field(default_factory=MoEConfig)
@@ -150,6 +163,12 @@ class ModelConfig:
         _require(self.max_position_embeddings >= 1, "model.max_position_embeddings must be >= 1")
         _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         _require(self.rms_norm_eps > 0, f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if self.moe is not None and "vocab_size" in {f.name for f in fields(self.moe.router.router_options())}:
+            # Routers that look tokens up by id (hash) need the vocabulary: it is the model's.
+            given = self.moe.router.options.get("vocab_size")
+            _require(given in (None, self.vocab_size), f"moe.router.options.vocab_size ({given}) must equal "
+                     f"model.vocab_size ({self.vocab_size}); leave it out to use the model's")
+            self.moe.router.options["vocab_size"] = self.vocab_size
 
     @property
     def attention_head_dim(self) -> int:
@@ -157,41 +176,114 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
-    """Optimisation settings for ``moe train``."""
+class DataConfig:
+    """Where the text comes from and how it becomes token blocks (``moe/data/``)."""
 
-    steps: int = 200
-    micro_batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # null: the embedded default corpus (the running Python's standard library sources). Otherwise a local
+    # file, directory or glob (.txt/.md/.py text, .json/.jsonl, .parquet), or a ``datasets`` Hub name.
+    source: str | None = None
+    format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
+    text_field: str = "text"
+    hub_config: str | None = None
+    hub_split: str = "train"
+    # Upper bound on the characters read (the default corpus is cut here; other sources stop at the
+    # first document past it). null reads everything.
+    max_chars: int | None = 4_000_000
+    # null: train a byte-level BPE of model.vocab_size tokens on the corpus. Else a tokenizer.json path.
+    tokenizer: str | None = None
+    val_fraction: float = 0.02
+    # null: $MOE_CACHE or ~/.cache/moe-train. Tokenised blocks are cached there by content and settings.
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "seq_len", "log_every"):
+        _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _require(self.max_chars is None or self.max_chars > 0, f"data.max_chars must be > 0 or null, got {self.max_chars}")
+        _require(bool(self.text_field), "data.text_field must not be empty")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation, evaluation, logging and checkpoint settings for ``moe train``."""
+
+    steps: int = 200  # optimizer steps
+    micro_batch_size: int = 8  # sequences per forward pass
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    # Peak dense FLOP/s of one device in TFLOP/s for the MFU figure; null: known GPUs only, no MFU on CPU.
+    peak_tflops: float | None = None
+    # Warn when an expert of a layer has received no tokens for this many consecutive steps.
+    dead_expert_steps: int = 50
+    # A non-finite loss or gradient norm: skip the optimizer step and count it, or stop the run.
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    # Stop anyway after this many consecutive skipped steps (the run has diverged).
+    max_consecutive_skips: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_every", "eval_batches",
+                     "keep_checkpoints", "dead_expert_steps", "max_consecutive_skips"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops must be > 0 or null")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How a run is spread over processes (``parallel/``). One process needs none of it."""
+
+    # Experts are split over groups of this many ranks; the world size must be a multiple of it.
+    expert_parallel_size: int = 1
+    # DeepSpeed ZeRO stage for multi-process runs: 0, 1 or 2 (stage 3 is refused with MoE layers).
+    zero_stage: int = 0
+    # A DeepSpeed JSON config of the user's; its keys override the ones generated from this recipe.
+    deepspeed_config: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.expert_parallel_size >= 1,
+                 f"parallel.expert_parallel_size must be >= 1, got {self.expert_parallel_size}")
+        _require(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
 
 
 @dataclass(kw_only=True)
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         _require(
             self.train.seq_len <= self.model.max_position_embeddings,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_position_embeddings "
             f"({self.model.max_position_embeddings})",
+        )
+        ep = self.parallel.expert_parallel_size
+        _require(
+            ep == 1 or (self.model.moe is not None and self.model.moe.num_experts % ep == 0),
+            f"parallel.expert_parallel_size ({ep}) must divide model.moe.num_experts "
+            f"({self.model.moe.num_experts if self.model.moe else 'dense model: use 1'})",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -170,5 +170,5 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"recipe {path} must be a mapping of sections (model, train), got {type(data).__name__}")
+        raise ValueError(f"recipe {path} must be a mapping of sections (model, data, train, parallel), got {type(data).__name__}")
     return data

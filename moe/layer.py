@@ -5,6 +5,8 @@ Shape legend: B batch, S sequence, T = B·S tokens, D model width, E experts, A 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -13,6 +15,31 @@ from moe.config import MoEConfig
 from moe.experts import Experts
 from moe.ffn import SwiGLU
 from routing import Routing, build_router
+
+# Step 3's seam: ``(experts, x_TD, rows_A, counts_E) -> y_AD``, the expert outputs of the grouped assignments
+# in their grouped order. On one device it is ``run_local_experts``; ``parallel.apply_expert_parallel``
+# installs one that sends the rows to the ranks owning their experts and brings the outputs back.
+Dispatcher = Callable[[Experts, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_local_experts(experts: Experts, x_TD: torch.Tensor, rows_A: torch.Tensor,
+                      counts_E: torch.Tensor) -> torch.Tensor:
+    """The single-device dispatcher: every expert is here, so the rows go straight to the grouped GEMMs."""
+    return experts(x_TD, rows_A, counts_E)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale`` (``Routing.expert_grad_scale``)."""
+
+    @staticmethod
+    def forward(ctx, y_AD, scale_A1):  # type: ignore[override]
+        ctx.save_for_backward(scale_A1)
+        return y_AD.view_as(y_AD)
+
+    @staticmethod
+    def backward(ctx, grad_AD):  # type: ignore[override]
+        (scale_A1,) = ctx.saved_tensors
+        return grad_AD * scale_A1.to(grad_AD.dtype), None
 
 
 class MoELayer(nn.Module):
@@ -30,6 +57,10 @@ class MoELayer(nn.Module):
         self.router = build_router(cfg, hidden_size)
         self.experts = Experts(cfg.num_experts, hidden_size, cfg.expert_hidden_size, cfg.backend, init_std)
         self.shared_experts = SwiGLU(hidden_size, cfg.shared_hidden_size) if cfg.num_shared_experts else None
+        # Qwen2-MoE's sigmoid gate on the shared experts' output (``moe.shared_expert_gate``); None: ungated.
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+        # Where step 3 runs the experts (see ``Dispatcher``); replaced after construction for expert parallelism.
+        self.dispatcher: Dispatcher = run_local_experts
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """Returns the layer output (B, S, D) and the routing decision (its losses and stats)."""
@@ -46,11 +77,17 @@ class MoELayer(nn.Module):
             rows_A = routing.token_index.index_select(0, order_A)
         weight_A = routing.weight.index_select(0, order_A)
 
-        # 3. Experts: two grouped GEMMs, the row gather fused into the first where the backend can.
-        y_AD = self.experts(x_TD, rows_A, routing.tokens_per_expert)
+        # 3. Experts: two grouped GEMMs, the row gather fused into the first where the backend can; under
+        #    expert parallelism the dispatcher moves the rows to the experts' ranks and the outputs back.
+        y_AD = self.dispatcher(self.experts, x_TD, rows_A, routing.tokens_per_expert)
+        if routing.expert_grad_scale is not None:
+            y_AD = _ScaleGrad.apply(y_AD, routing.expert_grad_scale.index_select(0, order_A).unsqueeze(1))
 
         # 4. Combine: out[token] += weight · y, accumulated in fp32.
         out_TD = kernels.scatter_combine(y_AD, rows_A, weight_A, B * S)
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD  # (T, 1) gate per token
+            out_TD = out_TD + shared_TD
         return out_TD.reshape(B, S, D), routing

@@ -1,10 +1,19 @@
 """A decoder-only language model of the Llama / Mixtral family, with dense or MoE feed-forwards per layer.
 
-Shape legend: B batch, S sequence, D model width, H query heads, G key/value heads, Hd head width, V vocab.
+Shape legend: B batch, S sequence (new tokens), P positions already in the KV cache, D model width, H query heads,
+G key/value heads, Hd head width, V vocab.
 
 The maths is that of ``transformers``' Llama and Mixtral for the same weights (RMSNorm in fp32, rotary
 embedding with the rotate-half layout, grouped-query attention, SwiGLU), and the parameter names follow
-theirs where the layout allows, so import and export are renames and transposes.
+theirs where the layout allows, so import and export are renames and transposes. Config options that default to
+off add the Qwen variants: ``qkv_bias`` (Qwen2), ``qk_norm`` (Qwen3), a gated shared expert (Qwen2-MoE, in
+``moe.layer``).
+
+Incremental decoding: ``model(ids, cache=KVCache(...))`` appends each layer's keys and values to the cache and
+offsets the rotary positions by what the cache already holds, so a prompt followed by one token at a time
+gives the logits of the full sequence (``tests/hf/test_kv_cache.py``). Routers see only the new tokens: exact
+for per-token routers (top-k, dropless), not for routers whose choice depends on other tokens (capacity in
+eval mode, expert choice).
 """
 
 from __future__ import annotations
@@ -56,6 +65,36 @@ def apply_rotary(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Te
     return x_BHSHd * cos_SHd + _rotate_half(x_BHSHd) * sin_SHd
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, one pair per layer, for incremental decoding.
+
+    Each layer's keys/values are (B, G, P, Hd): after the rotary embedding, before the grouped-query repeat.
+    ``length`` (P) is the rotary offset of the next tokens; ``MoEModel.forward`` advances it.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.length = 0
+
+    def append(self, layer: int, k_BGSHd: torch.Tensor, v_BGSHd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of ``layer``; return all of them, (B, G, P + S, Hd)."""
+        past_k, past_v = self.keys[layer], self.values[layer]
+        if past_k is not None and past_v is not None:
+            k_BGSHd = torch.cat((past_k, k_BGSHd), dim=2)
+            v_BGSHd = torch.cat((past_v, v_BGSHd), dim=2)
+        self.keys[layer], self.values[layer] = k_BGSHd, v_BGSHd
+        return k_BGSHd, v_BGSHd
+
+
+@dataclass
+class LayerCache:
+    """One layer's view of a ``KVCache`` (what ``Attention.forward`` takes)."""
+
+    cache: KVCache
+    layer: int
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention through ``scaled_dot_product_attention``."""
 
@@ -65,22 +104,41 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.attention_head_dim
         D, Hd = cfg.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(D, cfg.num_heads * Hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(D, cfg.num_kv_heads * Hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(D, cfg.num_kv_heads * Hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * Hd, D, bias=cfg.attention_bias)  # as Llama: all four
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias  # Llama: all four or none; Qwen2: q, k, v only
+        self.q_proj = nn.Linear(D, cfg.num_heads * Hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(D, cfg.num_kv_heads * Hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(D, cfg.num_kv_heads * Hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * Hd, D, bias=cfg.attention_bias)
+        # Qwen3: per-head RMSNorm of queries and keys, weights shared by all heads.
+        self.q_norm = RMSNorm(Hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(Hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor,
+                kv: LayerCache | None = None) -> torch.Tensor:
+        """``cos_SHd``/``sin_SHd`` hold the positions P..P+S-1 of the new tokens; ``kv`` the earlier ones."""
         B, S, _ = x_BSD.shape
         H, G, Hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x_BSD).view(B, S, H, Hd).transpose(1, 2)  # (B, H, S, Hd)
-        k = self.k_proj(x_BSD).view(B, S, G, Hd).transpose(1, 2)  # (B, G, S, Hd)
+        q = self.q_proj(x_BSD).view(B, S, H, Hd)
+        k = self.k_proj(x_BSD).view(B, S, G, Hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, Hd), (B, G, S, Hd)
         v = self.v_proj(x_BSD).view(B, S, G, Hd).transpose(1, 2)
         q, k = apply_rotary(q, cos_SHd, sin_SHd), apply_rotary(k, cos_SHd, sin_SHd)
+        mask = None
+        is_causal = S > 1
+        if kv is not None:
+            k, v = kv.cache.append(kv.layer, k, v)  # (B, G, P + S, Hd)
+            P = k.shape[2] - S
+            if P > 0 and S > 1:
+                # NOTE: ``is_causal`` aligns the mask top-left, which is wrong once P > 0: query i sits at
+                # position P + i and sees keys 0..P + i. One new token (S == 1) sees every key: no mask.
+                mask = torch.ones(S, P + S, dtype=torch.bool, device=x_BSD.device).tril(diagonal=P)
+            is_causal = is_causal and P == 0
         if G != H:  # each key/value head serves H/G query heads
             k = k.repeat_interleave(H // G, dim=1)
             v = v.repeat_interleave(H // G, dim=1)
-        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=S > 1)  # (B, H, S, Hd)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, S, Hd)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, H * Hd))
 
 
@@ -97,8 +155,8 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor,
-                token_ids_BS: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
-        h_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_SHd, sin_SHd)
+                token_ids_BS: torch.Tensor, kv: LayerCache | None = None) -> tuple[torch.Tensor, Routing | None]:
+        h_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_SHd, sin_SHd, kv)
         normed = self.post_attention_layernorm(h_BSD)
         routing = None
         if self.is_moe:
@@ -145,18 +203,35 @@ class MoEModel(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for ``forward(..., cache=...)``."""
+        return KVCache(len(self.layers))
+
+    def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *,
+                cache: KVCache | None = None) -> ModelOutput:
+        """Logits (and the loss against ``targets_BS``) of ``input_ids_BS``.
+
+        Args:
+            input_ids_BS: (B, S) token ids.
+            targets_BS: (B, S) next-token ids, -100 where ignored; None for no loss.
+            cache: for incremental decoding: the keys/values of the P earlier positions. The new tokens take
+                positions P..P+S-1, attend to the cached ones, and are appended to the cache.
+        """
         B, S = input_ids_BS.shape
-        if S > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {S} exceeds model.max_position_embeddings "
+        P = 0 if cache is None else cache.length
+        if P + S > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {P + S} exceeds model.max_position_embeddings "
                              f"({self.cfg.max_position_embeddings})")
         x_BSD = self.embed_tokens(input_ids_BS)
-        cos_SHd, sin_SHd = self.rotary(torch.arange(S, device=input_ids_BS.device), x_BSD.dtype)
+        cos_SHd, sin_SHd = self.rotary(torch.arange(P, P + S, device=input_ids_BS.device), x_BSD.dtype)
         routings: list[Routing] = []
-        for layer in self.layers:
-            x_BSD, routing = layer(x_BSD, cos_SHd, sin_SHd, input_ids_BS)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else LayerCache(cache, i)
+            x_BSD, routing = layer(x_BSD, cos_SHd, sin_SHd, input_ids_BS, kv)
             if routing is not None:
                 routings.append(routing)
+        if cache is not None:
+            cache.length = P + S
         logits_BSV = self.lm_head(self.norm(x_BSD))
         loss = None
         if targets_BS is not None:

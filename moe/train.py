@@ -1,8 +1,8 @@
-"""Single-process training loop: AdamW, warmup + cosine schedule, gradient clipping, periodic logs.
+"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation and clipping, bf16 autocast on
+GPU, periodic evaluation and checkpoints, metrics to ``metrics.jsonl`` and TensorBoard.
 
-Writes ``OUT/metrics.jsonl`` (one JSON object per logged step and per evaluation), ``OUT/recipe.yaml`` (the
-resolved config) and ``OUT/model.safetensors``. The DeepSpeed engine, BPE data pipeline, TensorBoard and
-resumable checkpoints come with their own issues; this loop is the one they extend.
+A run directory holds: ``recipe.yaml`` (the resolved config), ``tokenizer.json``, ``metrics.jsonl``,
+``tensorboard/``, ``checkpoints/`` (resumable, see ``moe.checkpoint``) and the final ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,24 @@ import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from moe.checkpoint import load_model_state, model_state
 from moe.config import Recipe
-from moe.data import ByteBatches, stdlib_corpus
+from moe.config_io import from_dict
+from moe.engine import Engine, LocalEngine
+from moe.data import BlockSampler, prepare_data
+from moe.data.sampler import fixed_batches
+from moe.metrics import DeadExpertWatch, MetricsWriter, RouterStats
 from moe.model import MoEModel
 from routing import Router
 
 log = logging.getLogger(__name__)
+
+# Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not set.
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm was not finite and the settings say to stop."""
 
 
 @dataclass
@@ -38,7 +51,7 @@ class TrainResult:
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr · min_lr_ratio`` at the last step."""
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr · min_lr_ratio`` at the end."""
     t = recipe.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
@@ -47,11 +60,14 @@ def lr_at(step: int, recipe: Recipe) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # No decay on norms and 1-D parameters (nanoGPT convention); matrices and expert tensors decay.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def flops_per_token(model: MoEModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × active non-embedding parameters + attention scores (PaLM appendix B)."""
+    cfg = model.cfg
+    active = model.num_parameters(active=True) - model.embed_tokens.weight.numel()
+    if cfg.tie_word_embeddings:
+        active += model.embed_tokens.weight.numel()  # the tied LM head still multiplies
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.attention_head_dim * seq_len
+    return 6 * active + attention
 
 
 def _device(name: str) -> torch.device:
@@ -62,75 +78,155 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _autocast(recipe: Recipe, device: torch.device):
+    use_bf16 = recipe.train.dtype == "bfloat16" or (recipe.train.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _peak_flops(recipe: Recipe, device: torch.device) -> float | None:
+    if recipe.train.peak_tflops is not None:
+        return recipe.train.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in _PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def apply_init(recipe: Recipe, init: Path) -> Recipe:
+    """Take the model section (and tokenizer) of the model folder ``init``, keep the rest of ``recipe``."""
+    if not (init / "recipe.yaml").is_file() or not (init / "model.safetensors").is_file():
+        raise ValueError(f"--init {init}: expected a model folder with recipe.yaml and model.safetensors "
+                         "(a run directory, or the output of `moe import` / `moe upcycle`)")
+    data = recipe.to_dict()
+    data["model"] = yaml.safe_load((init / "recipe.yaml").read_text())["model"]
+    if (init / "tokenizer.json").is_file() and recipe.data.tokenizer is None:
+        data["data"]["tokenizer"] = str(init / "tokenizer.json")
+    return from_dict(Recipe, data)
+
+
 @torch.no_grad()
-def evaluate(model: MoEModel, data: ByteBatches, batch_size: int, batches: int, device: torch.device) -> float:
+def evaluate(model: MoEModel, batches, device: torch.device, autocast) -> float:
     model.eval()
-    gen = torch.Generator().manual_seed(1234)  # the same validation windows every time
     total = 0.0
-    for _ in range(batches):
-        x, y = data.batch("val", batch_size, gen)
-        total += model(x.to(device), y.to(device)).loss.item()
+    for x, y in batches:
+        with autocast:
+            total += model(x.to(device), y.to(device)).loss.item()
     model.train()
-    return total / batches
+    return total / max(len(batches), 1)
 
 
-def train(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, corpus_bytes: int = 4_000_000) -> TrainResult:
-    """Train ``recipe`` on the embedded default corpus and write logs and the final weights to ``out_dir``."""
-    t = recipe.train
-    if recipe.model.vocab_size < 256:
-        raise ValueError(f"model.vocab_size must be >= 256 for the byte-level corpus, got {recipe.model.vocab_size}")
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop records a crashed run wrote after its last checkpoint, so steps are not repeated."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: str | Path | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train ``recipe``, writing everything to ``out_dir``. See the module docstring for the layout."""
     out = Path(out_dir)
+    if init is not None:
+        recipe = apply_init(recipe, Path(init))
+    t = recipe.train
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     torch.manual_seed(t.seed)
     device = _device(t.device)
-    data = ByteBatches(stdlib_corpus(corpus_bytes), t.seq_len)
-    model = MoEModel(recipe.model).to(device)
-    opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(t.seed)
-    routers = [m for m in model.modules() if isinstance(m, Router)]
-    log.info("model: %.2fM parameters, %.2fM active per token", model.num_parameters() / 1e6,
-             model.num_parameters(active=True) / 1e6)
+    autocast = _autocast(recipe, device)
 
-    metrics = (out / "metrics.jsonl").open("w")
-    tokens_per_step = t.micro_batch_size * t.seq_len
-    start = time.perf_counter()
-    bar = tqdm(range(t.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    loss_val = float("nan")
+    data = prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=t.seed,
+                        progress=progress)
+    shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
+    sampler = BlockSampler(data.train_blocks, t.micro_batch_size, t.seed)
+    val_batches = fixed_batches(data.val_blocks, t.micro_batch_size, t.eval_batches)
+
+    model = MoEModel(recipe.model)
+    if init is not None:
+        load_model_state(model, Path(init) / "model.safetensors")
+    model.to(device)
+    model.activation_checkpointing = t.activation_checkpointing
+    engine: Engine = LocalEngine(model, recipe)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+
+    ckpt_root = out / "checkpoints"
+    start = engine.resume(ckpt_root) if resume else 0
+    if resume:
+        log.info("resumed at step %d", start) if start else log.warning(
+            "--resume: no checkpoint under %s, starting from step 0", ckpt_root)
+    if start == 0:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        _truncate_metrics(out / "metrics.jsonl", start)
+    writer = MetricsWriter(out)
+    stats, dead = RouterStats(), DeadExpertWatch(t.dead_expert_steps)
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len
+    flops_tok, peak = flops_per_token(model, t.seq_len), _peak_flops(recipe, device)
+    log.info("model: %.2fM parameters, %.2fM active per token; %d training tokens (%.1f epochs of this run)",
+             model.num_parameters() / 1e6, model.num_parameters(active=True) / 1e6, data.train_tokens,
+             t.steps * tokens_per_step / max(data.train_tokens, 1))
+
+    loss_val, val_loss, wall = float("nan"), float("nan"), 0.0
+    skipped = consecutive_skips = 0
+    bar = tqdm(range(start, t.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True,
+               initial=start, total=t.steps)
     for step in bar:
         step_start = time.perf_counter()
         lr = lr_at(step, recipe)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = data.batch("train", t.micro_batch_size, gen)
-        result = model(x.to(device), y.to(device))
-        (result.loss + result.aux_loss).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        stats.reset()
+        loss_sum = aux_sum = 0.0
+        for micro in range(t.grad_accum_steps):
+            x, y = sampler.batch(step * t.grad_accum_steps + micro)
+            with autocast:
+                result = engine.model(x.to(device), y.to(device))
+            engine.backward((result.loss + result.aux_loss) / t.grad_accum_steps)
+            loss_sum += result.loss.item()
+            aux_sum += result.aux_loss.item()
+            stats.add(result.routings)
+        loss_val = loss_sum / t.grad_accum_steps
+        grad_norm, stepped = engine.step(lr, skip=not math.isfinite(loss_val))
+        if stepped:
+            consecutive_skips = 0
+        else:
+            skipped += 1
+            consecutive_skips += 1
+            message = (f"step {step + 1}: non-finite loss {loss_val} or gradient norm {grad_norm}; "
+                       f"router stats per MoE layer: {stats.per_layer()}")
+            if t.on_nonfinite == "stop" or consecutive_skips > t.max_consecutive_skips:
+                writer.close()
+                raise NonFiniteError(message + (" (train.on_nonfinite=stop)" if t.on_nonfinite == "stop" else
+                                                f" ({consecutive_skips} steps in a row: the run has diverged)"))
+            log.warning("%s; optimizer step skipped (%d skipped so far)", message, skipped)
         for router in routers:
-            router.on_optimizer_step()
-        loss_val = result.loss.item()
-        if not math.isfinite(loss_val):
-            raise RuntimeError(f"non-finite loss {loss_val} at step {step + 1}")
+            router.on_optimizer_step(engine.all_reduce_sum if engine.world_size > 1 else None)
         step_s = time.perf_counter() - step_start
+        wall += step_s
+        record = {"step": step + 1, "loss": loss_val, "aux_loss": aux_sum / t.grad_accum_steps, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / step_s, "skipped_steps": skipped}
+        if peak:
+            record["mfu"] = flops_tok * tokens_per_step / step_s / peak
+        load = stats.load_matrix()
+        dead.update(load, step + 1)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            record = {"step": step + 1, "loss": loss_val, "aux_loss": result.aux_loss.item(), "lr": lr,
-                      "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_s}
-            for i, r in enumerate(result.routings):
-                record[f"moe{i}/dropped_fraction"] = r.stats["dropped_fraction"].item()
-                record[f"moe{i}/max_load_ratio"] = r.stats["max_load_ratio"].item()
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            for i, layer in enumerate(stats.per_layer()):
+                record.update({f"moe/layer{i}/{k}": v for k, v in layer.items()})
+            writer.router_images(load, step + 1)
             bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.1e}")
-    wall = time.perf_counter() - start
-    val_loss = evaluate(model, data, t.micro_batch_size, 8, device)
-    metrics.write(json.dumps({"step": t.steps, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}) + "\n")
-    metrics.close()
-
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if recipe.model.tie_word_embeddings:
-        state.pop("lm_head.weight")  # shares storage with the embedding
-    save_file(state, str(out / "model.safetensors"))
+        writer.write(record)
+        last = step + 1 == t.steps
+        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+            val_loss = evaluate(engine.model, val_batches, device, autocast)
+            writer.write({"step": step + 1, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+        if (t.save_every and (step + 1) % t.save_every == 0) or last:
+            engine.save(ckpt_root, step + 1, t.keep_checkpoints)
+    writer.close()
+    if start >= t.steps:
+        log.info("nothing to train: the checkpoint is already at step %d of %d", start, t.steps)
+        val_loss = evaluate(model, val_batches, device, autocast)
+    save_file(model_state(model), str(out / "model.safetensors"))
+    run_steps = max(t.steps - start, 0)
     return TrainResult(steps=t.steps, final_loss=loss_val, val_loss=val_loss,
-                       tokens_per_s=t.steps * tokens_per_step / wall, wall_s=wall, out_dir=out)
+                       tokens_per_s=run_steps * tokens_per_step / wall if wall else 0.0, wall_s=wall, out_dir=out)

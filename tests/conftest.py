@@ -25,3 +25,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Tests use tiny tensors: one intra-op thread is faster for them and makes timings independent of the load
+# on the machine. Subprocesses (CLI, distributed tests) are unaffected.
+torch.set_num_threads(1)

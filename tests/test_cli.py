@@ -18,7 +18,8 @@ def test_train_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "moe", "train", "recipes/tiny.yaml", "--out", str(out), "--max-steps", "4",
-           "--no-progress", "model.num_layers=2", "train.log_every=1", "train.micro_batch_size=4", "train.seq_len=32"]
+           "--no-progress", "model.num_layers=2", "model.vocab_size=512", "train.micro_batch_size=4",
+           "train.seq_len=32", "data.max_chars=100000", f"data.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "validation loss" in proc.stdout
@@ -29,6 +30,8 @@ def test_train_end_to_end_through_the_cli(tmp_path):
     assert "val_loss" in records[-1]
     weights = load_file(out / "model.safetensors")
     assert weights["layers.0.mlp.experts.w_gate_up_ED2F"].shape == (8, 128, 512)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert "tensorboard --logdir" in proc.stdout and "moe generate" in proc.stdout
     assert "num_layers: 2" in (out / "recipe.yaml").read_text()
 
 

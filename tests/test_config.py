@@ -30,7 +30,7 @@ def test_dotted_overrides_parse_yaml_values():
     "text,message",
     [
         ("model: {hiden_size: 8}", "unknown key model.hiden_size; valid keys of model: attention_bias"),
-        ("trian: {}", "unknown key trian; valid keys: model, train"),
+        ("trian: {}", "unknown key trian; valid keys: data, model, parallel, train"),
         ("model: {hidden_size: big}", "model.hidden_size: expected an integer, got 'big'"),
         ("model: {moe: {router: {top_k: 9}}}", "moe.router.top_k must be between 1 and moe.num_experts=8, got 9"),
         ("model: {moe: {router: {name: magic}}}", "unknown router 'magic'; valid routers: topk"),
@@ -42,7 +42,7 @@ def test_dotted_overrides_parse_yaml_values():
         ("model: {num_heads: 4, num_kv_heads: 3}", "model.num_heads (4) must be a multiple of model.num_kv_heads (3)"),
         ("model: {tie_word_embeddings: 1}", "model.tie_word_embeddings: expected true or false, got 1"),
         ("model: [1, 2]", "model: expected a mapping of ModelConfig fields"),
-        ("- 1\n- 2", "must be a mapping of sections (model, train), got list"),
+        ("- 1\n- 2", "must be a mapping of sections (model, data, train, parallel), got list"),
         ("model: {hidden_size: [", "is not valid YAML at line"),
         ("model: {moe: {router: {options: {num_groups: 2}}}}", "unknown key router.options.num_groups"),
     ],
@@ -79,3 +79,10 @@ def test_moe_layer_placement():
     assert MoEConfig(num_shared_experts=2, expert_hidden_size=64).shared_hidden_size == 128
     with pytest.raises(ValueError, match="router.top_k must be >= 1"):
         RouterConfig(top_k=0)
+
+
+def test_hash_router_gets_the_model_vocabulary():
+    recipe = load_recipe("recipes/tiny.yaml", ["model.moe.router.name=hash", "model.moe.router.top_k=1"])
+    assert recipe.model.moe.router.options["vocab_size"] == recipe.model.vocab_size
+    with pytest.raises(ValueError, match=r"moe.router.options.vocab_size \(10\) must equal model.vocab_size"):
+        load_recipe("recipes/tiny.yaml", ["model.moe.router.name=hash", "model.moe.router.options.vocab_size=10"])

@@ -19,6 +19,7 @@ def loop_gather_mm(x, rows, w, counts):
 
 # (counts per expert, K, N): empty experts, one row, E not a power of two, awkward widths.
 CASES = [
+    ([0, 0, 0], 8, 8),  # no rows at all (a rank that receives nothing under expert parallelism)
     ([3, 0, 5, 2], 8, 16),
     ([0, 0, 7], 12, 8),
     ([1], 4, 4),

@@ -1,7 +1,7 @@
 """Logit parity with ``transformers``' LlamaForCausalLM (dense) and MixtralForCausalLM (MoE) for the same weights.
 
 Our weights are randomised (norms included, so a mis-mapped tensor cannot hide behind an init of ones or zeros),
-copied into the transformers model by ``to_hf_state_dict`` (the mapping the export code will use), and the
+copied into the transformers model by ``to_hf_state_dict`` (``moe.hf.weights``, the export mapping), and the
 float32 logits compared on random ids. Attention: transformers runs ``attn_implementation="sdpa"``, the same
 kernel as ours (Llama logits come out bit-identical); "eager" agrees to ~1.5e-6
 (``test_eager_attention_also_matches``).
@@ -21,43 +21,26 @@ transformers = pytest.importorskip("transformers")
 
 from moe.config import ModelConfig, MoEConfig, RouterConfig  # noqa: E402
 from moe.model import MoEModel  # noqa: E402
+from moe.hf.config_map import export_layout, hf_config_dict  # noqa: E402
+from moe.hf.weights import to_hf_state_dict as _to_hf  # noqa: E402
 
 ATOL = 1e-5  # float32; the spec asks <= 1e-4. Measured: Llama 0 (bit-exact), Mixtral <= 1e-6 (sdpa); eager <= 2e-6.
 SDPA = "sdpa"
 
 
 def to_hf_state_dict(model: MoEModel) -> dict[str, torch.Tensor]:
-    """Our state dict under transformers' Llama / Mixtral names and layouts (a rename plus expert transposes)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("mlp.router.weight"):
-            name = name.replace("mlp.router.weight", "mlp.gate.weight")
-        elif name.endswith("mlp.experts.w_gate_up_ED2F"):  # [E, D, 2F] -> [E, 2F, D], gate half first in both
-            name, t = name.replace("w_gate_up_ED2F", "gate_up_proj"), t.transpose(1, 2)
-        elif name.endswith("mlp.experts.w_down_EFD"):  # [E, F, D] -> [E, D, F]
-            name, t = name.replace("w_down_EFD", "down_proj"), t.transpose(1, 2)
-        out[name if name.startswith("lm_head.") else f"model.{name}"] = t.contiguous()
-    return out
+    """Our state dict under transformers' in-memory names (the export mapping, with fused expert tensors)."""
+    return _to_hf(model.state_dict(), model.cfg, export_layout(model.cfg), fused_experts=True)
 
 
 def hf_config(cfg: ModelConfig, attn_implementation: str = SDPA):
-    common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings, hidden_act="silu", attention_dropout=0.0,
-        attn_implementation=attn_implementation,
-    )
-    if cfg.moe is None:
-        return transformers.LlamaConfig(intermediate_size=cfg.intermediate_size, attention_bias=cfg.attention_bias,
-                                        mlp_bias=False, **common)
-    m = cfg.moe
-    assert m.router.name == "topk" and m.router.renormalize and m.moe_every == 1 and m.first_dense_layers == 0
-    assert m.num_shared_experts == 0 and m.capacity_factor is None and m.eval_capacity_factor is None
-    assert not cfg.attention_bias  # Mixtral's attention has no biases
-    return transformers.MixtralConfig(intermediate_size=m.expert_hidden_size, num_local_experts=m.num_experts,
-                                      num_experts_per_tok=m.router.top_k, router_jitter_noise=0.0, **common)
+    """The transformers config of ``config.json`` as ``moe export`` writes it."""
+    layout = export_layout(cfg)
+    assert layout == ("llama" if cfg.moe is None else "mixtral")
+    data = hf_config_dict(cfg, layout, "float32")
+    for key in ("model_type", "architectures", "dtype", "torch_dtype"):
+        data.pop(key)
+    return transformers.AutoConfig.for_model(layout, attn_implementation=attn_implementation, **data)
 
 
 def make_config(moe: bool, **overrides) -> ModelConfig:

@@ -1,0 +1,152 @@
+"""Training checkpoints of the single-process trainer: model, optimizer, RNG, step, and a ``latest`` marker.
+
+    OUT/checkpoints/step_00000100/{model.safetensors, optimizer.pt, rng.safetensors, state.json, manifest.json}
+    OUT/checkpoints/latest            (the name of the newest complete checkpoint, written last)
+
+A checkpoint is written into a temporary folder and renamed into place; ``latest`` is replaced atomically
+after that, so a crash during a save leaves the previous checkpoint as the one to resume from. Every file's
+SHA-256 is in ``manifest.json`` and is verified before loading: a flipped byte, a truncated or a missing file
+is refused naming the file, and ``resume_checkpoint`` falls back to the newest intact checkpoint. Loading
+never unpickles: safetensors, and ``torch.load(weights_only=True)`` for the optimizer state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors, without the LM head when it is tied to the embedding."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if getattr(getattr(model, "cfg", None), "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def load_model_state(model: torch.nn.Module, path: Path) -> None:
+    """Load ``model.safetensors`` into ``model``, strictly (missing or unexpected names are errors)."""
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
+    manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """``ValueError`` naming the first missing, truncated or altered file of checkpoint ``folder``."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"checkpoint {folder} has no manifest.json (incomplete or not a checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"checkpoint {folder}: manifest.json is corrupt") from None
+    for name, entry in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"checkpoint {folder}: file {name} is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise ValueError(f"checkpoint {folder}: file {name} is truncated or extended "
+                             f"({path.stat().st_size} bytes, expected {entry['bytes']})")
+        if _sha256(path) != entry["sha256"]:
+            raise ValueError(f"checkpoint {folder}: file {name} does not match its SHA-256 (corrupted)")
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    keep: int) -> Path:
+    """Write checkpoint ``step`` under ``root``, point ``latest`` at it, and keep the newest ``keep``."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        save_file(model_state(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(_rng_state(), str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    marker_tmp = root / ".latest.tmp"
+    marker_tmp.write_text(name)
+    os.replace(marker_tmp, root / "latest")  # the marker is written last
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resume_checkpoint(root: Path) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names if intact, else the newest intact one (saying
+    so), else None when there is none at all. Damaged checkpoints are reported and skipped, never deleted."""
+    marker = root / "latest"
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    if marker.is_file():
+        named = root / marker.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for i, path in enumerate(candidates):
+        try:
+            verify_checkpoint(path)
+        except ValueError as e:
+            log.warning("%s; trying an older checkpoint", e)
+            continue
+        if i > 0:
+            log.warning("resuming from %s, the newest intact checkpoint", path)
+        return path
+    if candidates:
+        raise ValueError(f"no intact checkpoint under {root}: all {len(candidates)} are damaged (see the warnings)")
+    return None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore model, optimizer and RNG from ``path`` after verifying it; returns the step it was saved after."""
+    verify_checkpoint(path)
+    load_model_state(model, path / "model.safetensors")
+    try:
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path / 'optimizer.pt'} cannot be loaded safely ({str(e).splitlines()[0][:200]})") from None
+    optimizer.load_state_dict(opt_state)
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return int(json.loads((path / "state.json").read_text())["step"])

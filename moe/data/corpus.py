@@ -1,0 +1,136 @@
+"""Corpus sources: the embedded default (the standard library's sources), local files, or a Hub dataset.
+
+Every source becomes a ``datasets.Dataset`` with one column, ``text``, one document per row. Problems with
+the source (missing, empty, undecodable, a missing text field) are one-line ``ValueError``s naming it.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import sysconfig
+from pathlib import Path
+
+import datasets
+
+from moe.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+_TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
+_JSON_SUFFIXES = {".json", ".jsonl"}
+
+
+def stdlib_documents(max_chars: int | None) -> list[str]:
+    """The standard library's ``.py`` sources in sorted path order (deterministic), up to ``max_chars``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    docs, total = [], 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if max_chars is not None and total + len(text) > max_chars:
+            text = text[: max_chars - total]
+        if text:
+            docs.append(text)
+            total += len(text)
+        if max_chars is not None and total >= max_chars:
+            break
+    if not docs:
+        raise ValueError(f"the standard library at {root} has no readable .py files; set data.source")
+    log.info("default corpus: %d characters from %d files under %s", total, len(docs), root)
+    return docs
+
+
+def _local_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"data.source: directory {path} contains no files")
+        return files
+    matches = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    return matches
+
+
+def _format_of(files: list[Path], fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffixes = {p.suffix.lower() for p in files}
+    if suffixes <= _JSON_SUFFIXES:
+        return "json"
+    if suffixes == {".parquet"}:
+        return "parquet"
+    if suffixes <= _TEXT_SUFFIXES:
+        return "text"
+    raise ValueError(
+        f"data.source: cannot tell the format of {', '.join(sorted(suffixes))} files; set data.format to "
+        "text, json or parquet (or use one kind of file)"
+    )
+
+
+def _check_decodable(files: list[Path]) -> None:
+    for path in files:
+        try:
+            with path.open("r", encoding="utf-8") as f:
+                while f.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.source: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _limit(ds: datasets.Dataset, max_chars: int | None) -> datasets.Dataset:
+    if max_chars is None:
+        return ds
+    total = 0
+    for i, text in enumerate(ds["text"]):
+        total += len(text)
+        if total >= max_chars:
+            return ds.select(range(i + 1))
+    return ds
+
+
+def load_corpus(cfg: DataConfig) -> datasets.Dataset:
+    """The documents of ``cfg.source`` as a Dataset with a single ``text`` column."""
+    if cfg.source is None:
+        return datasets.Dataset.from_dict({"text": stdlib_documents(cfg.max_chars)})
+    files = [] if cfg.format == "hub" else _local_files(cfg.source)
+    if files:
+        fmt = _format_of(files, cfg.format)
+        if fmt in ("text", "json"):
+            _check_decodable(files)
+        data_files = [str(p) for p in files]
+        try:
+            if fmt == "text":
+                ds = datasets.load_dataset("text", data_files=data_files, sample_by="document", split="train")
+            else:
+                ds = datasets.load_dataset(fmt, data_files=data_files, split="train")
+        except Exception as e:  # datasets wraps parse errors in many types; name the source and the cause
+            raise ValueError(f"data.source: could not read {cfg.source} as {fmt}: {str(e).splitlines()[0]}") from None
+    elif cfg.format in ("auto", "hub") and not any(ch in cfg.source for ch in "*?") and not cfg.source.startswith(
+        (".", "/", "~")
+    ):
+        try:
+            ds = datasets.load_dataset(cfg.source, cfg.hub_config, split=cfg.hub_split)
+        except Exception as e:
+            raise ValueError(
+                f"data.source: {cfg.source!r} is not a local file and could not be loaded from the Hub "
+                f"({str(e).splitlines()[0][:200]})"
+            ) from None
+    else:
+        raise ValueError(f"data.source: no such file, directory or glob match: {cfg.source}")
+    if cfg.text_field not in ds.column_names:
+        raise ValueError(
+            f"data.text_field: column {cfg.text_field!r} not in {cfg.source}; columns: {', '.join(ds.column_names)}"
+        )
+    ds = ds.select_columns([cfg.text_field])
+    if cfg.text_field != "text":
+        ds = ds.rename_column(cfg.text_field, "text")
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) == 0:
+        raise ValueError(f"data.source: {cfg.source} contains no text (every {cfg.text_field!r} is empty)")
+    return _limit(ds, cfg.max_chars)

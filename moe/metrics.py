@@ -1,0 +1,123 @@
+"""Training metrics: router statistics accumulated over micro-batches, JSON lines and TensorBoard output.
+
+Shape legend: L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from routing import Routing
+
+log = logging.getLogger(__name__)
+
+
+class RouterStats:
+    """Per-layer router statistics summed over the micro-batches of one optimizer step.
+
+    Loads are summed (so a step's load is that of all its tokens); losses, dropped fraction and entropy are
+    averaged over micro-batches; each layer keeps its own numbers (never pooled across layers).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.micro_batches = 0
+        self.load: list[torch.Tensor] = []
+        self.sums: list[dict[str, float]] = []
+
+    def add(self, routings: list[Routing]) -> None:
+        if not self.load:
+            self.load = [torch.zeros_like(r.tokens_per_expert, dtype=torch.float64, device="cpu") for r in routings]
+            self.sums = [{} for _ in routings]
+        self.micro_batches += 1
+        for i, r in enumerate(routings):
+            self.load[i] += r.tokens_per_expert.detach().double().cpu()
+            sums = self.sums[i]
+            for name, value in r.losses.items():
+                sums[f"aux/{name}"] = sums.get(f"aux/{name}", 0.0) + float(value.detach())
+            for name in ("dropped_fraction", "router_entropy"):
+                if name in r.stats:
+                    sums[name] = sums.get(name, 0.0) + float(r.stats[name])
+
+    def per_layer(self) -> list[dict[str, float]]:
+        """Per MoE layer: averaged losses and stats, and ``max_load_ratio`` of the summed load."""
+        out = []
+        for load, sums in zip(self.load, self.sums):
+            layer = {k: v / max(self.micro_batches, 1) for k, v in sums.items()}
+            layer["max_load_ratio"] = float(load.max() / load.mean().clamp(min=1e-9))
+            out.append(layer)
+        return out
+
+    def load_matrix(self) -> torch.Tensor:
+        """(L, E) fraction of each layer's assignments that went to each expert."""
+        if not self.load:
+            return torch.zeros(0, 0)
+        m = torch.stack(self.load)
+        return m / m.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+class DeadExpertWatch:
+    """Warns once per (layer, expert) that has had no tokens for ``patience`` consecutive steps."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.idle: torch.Tensor | None = None
+        self.warned: set[tuple[int, int]] = set()
+
+    def update(self, load_LE: torch.Tensor, step: int) -> None:
+        if load_LE.numel() == 0:
+            return
+        if self.idle is None or self.idle.shape != load_LE.shape:
+            self.idle = torch.zeros(load_LE.shape, dtype=torch.long)
+        self.idle = torch.where(load_LE > 0, torch.zeros_like(self.idle), self.idle + 1)
+        for layer, expert in (self.idle >= self.patience).nonzero().tolist():
+            if (layer, expert) not in self.warned:
+                self.warned.add((layer, expert))
+                log.warning("step %d: expert %d of MoE layer %d has received no tokens for %d steps",
+                            step, expert, layer, int(self.idle[layer, expert]))
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` (appended, one object per record) and TensorBoard event files in ``out_dir``."""
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool = True) -> None:
+        self.jsonl = (out_dir / "metrics.jsonl").open("a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def router_images(self, load_LE: torch.Tensor, step: int) -> None:
+        """Per-layer load histograms and a layers × experts heatmap (brighter = more tokens)."""
+        if self.tb is None or load_LE.numel() == 0:
+            return
+        E = load_LE.shape[1]
+        for layer, row in enumerate(load_LE):
+            # one histogram sample per expert, weighted by its share: the distribution of tokens over experts
+            self.tb.add_histogram(f"moe/layer{layer}/expert_load", torch.arange(E).repeat_interleave(
+                (row * 1000).round().long()), step, bins=E)
+        heat = (load_LE / load_LE.max().clamp(min=1e-9)).float()
+        heat = heat.repeat_interleave(8, dim=0).repeat_interleave(max(1, 64 // E), dim=1)
+        self.tb.add_image("moe/load_heatmap_layers_x_experts", heat, step, dataformats="HW")
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
