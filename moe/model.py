@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from moe.config import ModelConfig
@@ -195,6 +196,10 @@ class MoEModel(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Recompute each decoder layer in the backward pass instead of keeping its activations (training only).
+        # NOTE: routers with load counters (sigmoid's bias) count a recomputed layer twice; every micro-batch
+        # alike, so the sign-based bias update is unchanged.
+        self.activation_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.cfg.initializer_range
@@ -227,7 +232,11 @@ class MoEModel(nn.Module):
         routings: list[Routing] = []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else LayerCache(cache, i)
-            x_BSD, routing = layer(x_BSD, cos_SHd, sin_SHd, input_ids_BS, kv)
+            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x_BSD, routing = torch.utils.checkpoint.checkpoint(
+                    layer, x_BSD, cos_SHd, sin_SHd, input_ids_BS, None, use_reentrant=False)
+            else:
+                x_BSD, routing = layer(x_BSD, cos_SHd, sin_SHd, input_ids_BS, kv)
             if routing is not None:
                 routings.append(routing)
         if cache is not None:
