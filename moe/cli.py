@@ -1,6 +1,7 @@
 """The ``moe`` command line.
 
     moe train RECIPE [--out DIR] [--max-steps N] [--seed S] [--resume] [--init MODEL_DIR] [dotted.key=value ...]
+    deepspeed --num_gpus N --module moe.train RECIPE [same options]      several processes (DeepSpeed)
 
     moe import HF_DIR OUT_DIR                      a Hugging Face folder -> a run directory
     moe export RUN_DIR OUT_DIR [--format hf]       a run directory -> a Hugging Face folder
@@ -13,8 +14,11 @@ and exit status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
+import os
+import re
 import sys
 
 from moe.config import load_recipe
@@ -29,7 +33,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
     recipe = load_recipe(args.recipe, overrides)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a directory (it is created if missing)")
     result = train(recipe, args.out, resume=args.resume, init=args.init, progress=not args.no_progress)
+    if result.rank != 0:  # one summary per run, from rank 0
+        return 0
     out = result.out_dir
     print(
         f"\ndone: {result.steps} steps in {result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s\n"
@@ -74,6 +82,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upcycle(args: argparse.Namespace) -> int:
+    from moe.upcycle.folder import upcycle_folder
+
+    r = upcycle_folder(args.src, args.out, num_experts=args.num_experts, top_k=args.top_k, method=args.method,
+                       seed=args.seed, layers=args.layers, renormalize=not args.no_renormalize, options=args.option)
+    exact = all(layer.exact_expected for layer in r.report.layers)
+    worst = max((layer.max_abs_error for layer in r.report.layers if layer.max_abs_error is not None), default=None)
+    print(f"upcycled {args.src} with {args.method} into {r.out_dir} ({r.layout} layout, "
+          f"{args.num_experts} experts, top-{args.top_k}, {len(r.report.layers)} MoE layers)\n"
+          f"  function-preserving at init: {'yes' if exact else 'no (by design of this method/router)'}"
+          f"{f'; max |MoE - dense| on probes {worst:.2e}' if worst is not None else ''}\n"
+          f"  report: {r.out_dir / 'upcycle_report.json'}; tokenizer files: {', '.join(r.copied) or 'none'}\n"
+          f"  continue training: moe train RECIPE --init {r.out_dir}")
+    return 0
+
+
 def _add_model_io_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="convert a Hugging Face model folder into a run directory")
     p.add_argument("hf_dir", help="folder with config.json and *.safetensors (llama, mistral, qwen2, qwen3, "
@@ -90,9 +114,22 @@ def _add_model_io_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--temperature", type=_finite_float, default=1.0, help="sampling temperature (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.set_defaults(func=_generate)
+    p = sub.add_parser("upcycle", help="turn a dense model folder into an MoE Hugging Face folder")
+    p.add_argument("src", help="dense Hugging Face folder (llama, mistral, qwen2, qwen3) or dense run directory")
+    p.add_argument("out", help="Hugging Face folder to write")
+    p.add_argument("--num-experts", "--experts", dest="num_experts", type=int, required=True, help="E")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token")
+    p.add_argument("--method", required=True, help="copy | neuron-split | drop | granular (ROUTERS.md §7)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the router init and random splits (default 0)")
+    p.add_argument("--layers", default=None, help="which FFNs become MoE: all (default) | every_other | 0,2,4")
+    p.add_argument("--no-renormalize", action="store_true",
+                   help="softmax-then-top-k router instead of Mixtral's top-k-then-softmax")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable (e.g. ratio=0.5, granularity=2, split=clustering, noise_std=0.01)")
+    p.set_defaults(func=_upcycle)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model from a YAML recipe")
     p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.moe.num_experts=4")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model.moe.num_experts=4")
     p.add_argument("--out", default="runs/tiny", help="output directory (default: runs/tiny)")
     p.add_argument("--max-steps", type=int, default=None, help="override train.steps")
     p.add_argument("--seed", type=int, default=None, help="override train.seed")
@@ -114,24 +151,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """Without ``--local_rank=N`` (or ``--local_rank N``), which the DeepSpeed launcher appends; the rank comes
+    from the ``LOCAL_RANK`` environment variable that it also sets."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--local_rank":
+            skip = True
+        elif not re.fullmatch(r"--local_rank=\d+", word):
+            out.append(word)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; an ``OSError`` as ``PATH: reason (ERRNO)``."""
+    if isinstance(e, OSError) and e.strerror:
+        name = errno.errorcode.get(e.errno, str(e.errno))
+        text = f"{e.filename}: {e.strerror} ({name})" if e.filename else f"{e.strerror} ({name})"
+    else:
+        text = str(e)
+    return " ".join(text.split())
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _drop_local_rank(sys.argv[1:] if argv is None else list(argv))
     # Overrides may come before or after the options: collect every leftover "key=value" word.
     args, extra = parser.parse_known_args(argv)
     bad = [word for word in extra if word.startswith("-") or "=" not in word]
     if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        hint = ("; overrides are dotted.key=value (e.g. model.moe.num_experts=4)"
+                if args.command == "train" and any(not word.startswith("-") for word in bad) else "")
+        parser.error(f"unrecognized arguments: {' '.join(bad)}{hint}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + extra
     elif extra:  # only train takes dotted overrides
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = os.environ.get("RANK") or "0"  # set by the DeepSpeed launcher; rank 0 logs, the others warn
+    tag = "" if rank == "0" else f"[rank {rank}] "
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(levelname)s {tag}%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: a missing, unwritable or full path
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

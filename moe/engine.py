@@ -1,5 +1,6 @@
 """The seam between the training loop and what runs the optimizer: one process here, DeepSpeed in
-``parallel/deepspeed.py``. Both offer the same small interface, so ``moe.train`` does not know which it has.
+``parallel/deepspeed.py``. Both offer the same small interface, so ``moe.train`` does not know which it has;
+``build_engine`` picks one.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from moe.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
+from moe.checkpoint import load_checkpoint, model_state, resume_checkpoint, save_checkpoint
 from moe.config import Recipe
 
 
@@ -19,12 +20,15 @@ class Engine(Protocol):
 
     Attributes:
         model: the module to call for forward passes.
-        rank, world_size: this process's data-parallel position (0 and 1 on one process).
+        rank, world_size: this process's data-parallel position (0 and 1 on one process). Every rank reads
+            its own data, also under expert parallelism.
+        device: where this rank's model lives; inputs go there.
     """
 
     model: torch.nn.Module
     rank: int
     world_size: int
+    device: torch.device
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
@@ -32,9 +36,17 @@ class Engine(Protocol):
         """Clip, and take the optimizer step unless ``skip`` or the gradient norm is not finite (the norm
         is global, so every rank decides alike); zero the gradients. Returns (norm, whether it stepped)."""
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over all ranks (a new tensor on ``t``'s device)."""
 
-    def save(self, root: Path, step: int, keep: int) -> None: ...
+    def barrier(self) -> None: ...
+
+    def model_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights (experts gathered from every rank) on rank 0, None on the others.
+        Every rank must call it."""
+
+    def save(self, root: Path, step: int, keep: int) -> None:
+        """Every rank calls it; the checkpoint is complete when ``root / "latest"`` names it."""
 
     def resume(self, root: Path) -> int:
         """Load the newest intact checkpoint under ``root``; returns its step (0 when there is none)."""
@@ -47,6 +59,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a device: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def build_engine(model: torch.nn.Module, recipe: Recipe) -> Engine:
+    """``DeepSpeedEngine`` when launched on several processes (``WORLD_SIZE`` > 1, or a process group of several
+    ranks already made) or when the recipe asks for DeepSpeed (``parallel.zero_stage`` > 0 or a
+    ``parallel.deepspeed_config``), even on one process; ``LocalEngine`` otherwise. ``model`` is the full model on
+    the CPU; it is moved to the engine's device (and, under expert parallelism, sharded) here."""
+    from parallel.groups import launched_world_size
+
+    p = recipe.parallel
+    if launched_world_size() > 1 or p.zero_stage > 0 or p.deepspeed_config is not None:
+        from parallel.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, recipe)
+    if p.expert_parallel_size > 1:
+        raise ValueError(f"parallel.expert_parallel_size={p.expert_parallel_size} needs that many processes: "
+                         f"deepspeed --num_gpus {p.expert_parallel_size} --module moe.train RECIPE ...")
+    return LocalEngine(model, recipe)
+
+
 class LocalEngine:
     """One process: AdamW, gradient clipping, checkpoints from ``moe.checkpoint``."""
 
@@ -55,7 +94,8 @@ class LocalEngine:
 
     def __init__(self, model: torch.nn.Module, recipe: Recipe) -> None:
         t = recipe.train
-        self.model = model
+        self.device = resolve_device(t.device)
+        self.model = model.to(self.device)
         self.grad_clip = t.grad_clip
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
 
@@ -76,9 +116,19 @@ class LocalEngine:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def barrier(self) -> None:
+        pass
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return model_state(self.model)
+
     def save(self, root: Path, step: int, keep: int) -> None:
         save_checkpoint(root, step, self.model, self.optimizer, keep)
 
     def resume(self, root: Path) -> int:
         path = resume_checkpoint(root)
+        if path is not None and (path / "mp_rank_00_model_states.pt").is_file():
+            raise ValueError(f"checkpoint {path} was written by DeepSpeed: resume it with DeepSpeed (`deepspeed "
+                             "--num_gpus N --module moe.train ... --resume`, or parallel.deepspeed_config set to a "
+                             "JSON file holding {} on one process)")
         return 0 if path is None else load_checkpoint(path, self.model, self.optimizer)

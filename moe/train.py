@@ -3,6 +3,13 @@ GPU, periodic evaluation and checkpoints, metrics to ``metrics.jsonl`` and Tenso
 
 A run directory holds: ``recipe.yaml`` (the resolved config), ``tokenizer.json``, ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/`` (resumable, see ``moe.checkpoint``) and the final ``model.safetensors``.
+
+Several processes (``deepspeed --num_gpus N --module moe.train RECIPE ...``; ``build_engine`` then picks
+``parallel.deepspeed.DeepSpeedEngine``): each optimizer step consumes a global batch of
+``micro_batch_size × grad_accum_steps × world_size`` sequences, and rank r reads rows ``[r·B, (r+1)·B)`` of each
+micro-batch's ``B × world_size`` block, so N processes see exactly the data of one process with an N times
+larger ``micro_batch_size``. Logged losses are means over the ranks; only rank 0 writes files other than
+checkpoints and shows progress; rank 0 prepares the data first while the others wait, then they read its cache.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +28,12 @@ import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from moe.checkpoint import load_model_state, model_state
 from moe.config import Recipe
-from moe.config_io import from_dict
-from moe.engine import Engine, LocalEngine
+from moe.config_io import from_dict, to_dict
 from moe.data import BlockSampler, prepare_data
 from moe.data.sampler import fixed_batches
-from moe.metrics import DeadExpertWatch, MetricsWriter, RouterStats
+from moe.engine import Engine, build_engine
+from moe.metrics import DeadExpertWatch, MetricsWriter, RouterCollapseWatch, RouterStats
 from moe.model import MoEModel
 from routing import Router
 
@@ -48,6 +55,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     out_dir: Path
+    rank: int = 0  # this process's rank: only rank 0 wrote the run directory's files
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -70,14 +78,6 @@ def flops_per_token(model: MoEModel, seq_len: int) -> float:
     return 6 * active + attention
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 def _autocast(recipe: Recipe, device: torch.device):
     use_bf16 = recipe.train.dtype == "bfloat16" or (recipe.train.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -94,16 +94,27 @@ def _peak_flops(recipe: Recipe, device: torch.device) -> float | None:
     return None
 
 
-def apply_init(recipe: Recipe, init: Path) -> Recipe:
-    """Take the model section (and tokenizer) of the model folder ``init``, keep the rest of ``recipe``."""
-    if not (init / "recipe.yaml").is_file() or not (init / "model.safetensors").is_file():
-        raise ValueError(f"--init {init}: expected a model folder with recipe.yaml and model.safetensors "
-                         "(a run directory, or the output of `moe import` / `moe upcycle`)")
+def read_init(recipe: Recipe, init: Path) -> tuple[Recipe, dict[str, torch.Tensor]]:
+    """The model folder ``init`` (a run directory, or a Hugging Face folder such as ``moe upcycle``'s output):
+    its model config replaces the recipe's (the data and train settings stay), its tokenizer is used when the
+    recipe names none, and its weights are returned to start from."""
+    from moe.hf.import_hf import read_hf_model
+    from moe.hf.rundir import is_run_dir, read_run
+
+    if is_run_dir(init):
+        run_recipe, state = read_run(init)
+        model_cfg = run_recipe.model
+    elif (init / "config.json").is_file():
+        model_cfg, state, _ = read_hf_model(init)
+    else:
+        raise ValueError(f"--init {init}: expected a model folder: a run directory (recipe.yaml + model.safetensors, "
+                         "from `moe train` or `moe import`) or a Hugging Face folder (config.json + weights, e.g. from "
+                         "`moe upcycle`)")
     data = recipe.to_dict()
-    data["model"] = yaml.safe_load((init / "recipe.yaml").read_text())["model"]
+    data["model"] = to_dict(model_cfg)
     if (init / "tokenizer.json").is_file() and recipe.data.tokenizer is None:
         data["data"]["tokenizer"] = str(init / "tokenizer.json")
-    return from_dict(Recipe, data)
+    return from_dict(Recipe, data), state
 
 
 @torch.no_grad()
@@ -115,6 +126,46 @@ def evaluate(model: MoEModel, batches, device: torch.device, autocast) -> float:
             total += model(x.to(device), y.to(device)).loss.item()
     model.train()
     return total / max(len(batches), 1)
+
+
+def _shard_rows(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s share of ``n`` rows: ``n // world`` or one more, the first ranks taking the extra."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+@torch.no_grad()
+def _evaluate(engine: Engine, batches, device: torch.device, autocast) -> float:
+    """``evaluate`` over all ranks: each takes its rows of every batch; the mean over batches of each batch's
+    mean loss, as one process computes it. Batches with fewer rows than ranks are left out."""
+    if engine.world_size == 1:
+        return evaluate(engine.model, batches, device, autocast)
+    W, r = engine.world_size, engine.rank
+    batches = [b for b in batches if len(b[0]) >= W]
+    sums = torch.zeros(len(batches), 2, dtype=torch.float64)  # per batch: Σ loss·rows, rows
+    engine.model.eval()
+    for i, (x, y) in enumerate(batches):
+        rows = _shard_rows(len(x), r, W)
+        with autocast:
+            loss = engine.model(x[rows].to(device), y[rows].to(device)).loss.item()
+        sums[i] = torch.tensor([loss * (rows.stop - rows.start), rows.stop - rows.start])
+    engine.model.train()
+    sums = engine.all_reduce_sum(sums)
+    return float((sums[:, 0] / sums[:, 1]).mean()) if len(batches) else float("nan")
+
+
+class _NoWriter:
+    """The metrics writer of ranks other than 0."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def router_images(self, load_LE: torch.Tensor, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -129,27 +180,41 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
           progress: bool = True) -> TrainResult:
     """Train ``recipe``, writing everything to ``out_dir``. See the module docstring for the layout."""
     out = Path(out_dir)
+    init_state = None
     if init is not None:
-        recipe = apply_init(recipe, Path(init))
+        recipe, init_state = read_init(recipe, Path(init))
     t = recipe.train
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     torch.manual_seed(t.seed)
-    device = _device(t.device)
-    autocast = _autocast(recipe, device)
-
-    data = prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=t.seed,
-                        progress=progress)
-    shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
-    sampler = BlockSampler(data.train_blocks, t.micro_batch_size, t.seed)
-    val_batches = fixed_batches(data.val_blocks, t.micro_batch_size, t.eval_batches)
-
     model = MoEModel(recipe.model)
-    if init is not None:
-        load_model_state(model, Path(init) / "model.safetensors")
-    model.to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=not recipe.model.tie_word_embeddings)
     model.activation_checkpointing = t.activation_checkpointing
-    engine: Engine = LocalEngine(model, recipe)
+    # Counted before the engine may shard the experts over ranks.
+    params, active, flops_tok = model.num_parameters(), model.num_parameters(active=True), flops_per_token(
+        model, t.seq_len)
+    engine: Engine = build_engine(model, recipe)
+    W, rank, main = engine.world_size, engine.rank, engine.rank == 0
+    device = engine.device
+    autocast = _autocast(recipe, device)
+    progress = progress and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    def prepare():
+        return prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=t.seed,
+                            progress=progress)
+
+    # Rank 0 tokenises and caches; the others then read its cache (and never race it for the CPU).
+    data = prepare() if main else None
+    engine.barrier()
+    if data is None:
+        data = prepare()
+    if main:
+        shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
+    sampler = BlockSampler(data.train_blocks, t.micro_batch_size * W, t.seed)
+    rows = _shard_rows(t.micro_batch_size * W, rank, W)
+    val_batches = fixed_batches(data.val_blocks, t.micro_batch_size * W, t.eval_batches)
     routers = [m for m in model.modules() if isinstance(m, Router)]
 
     ckpt_root = out / "checkpoints"
@@ -157,17 +222,18 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
     if resume:
         log.info("resumed at step %d", start) if start else log.warning(
             "--resume: no checkpoint under %s, starting from step 0", ckpt_root)
-    if start == 0:
+    if main and start == 0:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    else:
+    elif main:
         _truncate_metrics(out / "metrics.jsonl", start)
-    writer = MetricsWriter(out)
+    writer = MetricsWriter(out) if main else _NoWriter()
     stats, dead = RouterStats(), DeadExpertWatch(t.dead_expert_steps)
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len
-    flops_tok, peak = flops_per_token(model, t.seq_len), _peak_flops(recipe, device)
-    log.info("model: %.2fM parameters, %.2fM active per token; %d training tokens (%.1f epochs of this run)",
-             model.num_parameters() / 1e6, model.num_parameters(active=True) / 1e6, data.train_tokens,
-             t.steps * tokens_per_step / max(data.train_tokens, 1))
+    collapse = RouterCollapseWatch(t.dead_expert_steps)
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * W
+    peak = _peak_flops(recipe, device)
+    log.info("model: %.2fM parameters, %.2fM active per token; %d training tokens (%.1f epochs of this run)%s",
+             params / 1e6, active / 1e6, data.train_tokens, t.steps * tokens_per_step / max(data.train_tokens, 1),
+             f"; {W} ranks" if W > 1 else "")
 
     loss_val, val_loss, wall = float("nan"), float("nan"), 0.0
     skipped = consecutive_skips = 0
@@ -180,12 +246,18 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         loss_sum = aux_sum = 0.0
         for micro in range(t.grad_accum_steps):
             x, y = sampler.batch(step * t.grad_accum_steps + micro)
+            x, y = x[rows], y[rows]
             with autocast:
                 result = engine.model(x.to(device), y.to(device))
             engine.backward((result.loss + result.aux_loss) / t.grad_accum_steps)
             loss_sum += result.loss.item()
             aux_sum += result.aux_loss.item()
             stats.add(result.routings)
+        if W > 1:  # means over the ranks (every rank had as many rows)
+            loss_sum, aux_sum = (engine.all_reduce_sum(torch.tensor([loss_sum, aux_sum], dtype=torch.float64))
+                                 / W).tolist()
+            if stats.load:  # expert load over every rank's tokens
+                stats.load = list(engine.all_reduce_sum(torch.stack(stats.load)).unbind(0))
         loss_val = loss_sum / t.grad_accum_steps
         grad_norm, stepped = engine.step(lr, skip=not math.isfinite(loss_val))
         if stepped:
@@ -207,9 +279,10 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         record = {"step": step + 1, "loss": loss_val, "aux_loss": aux_sum / t.grad_accum_steps, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / step_s, "skipped_steps": skipped}
         if peak:
-            record["mfu"] = flops_tok * tokens_per_step / step_s / peak
+            record["mfu"] = flops_tok * tokens_per_step / step_s / (peak * W)
         load = stats.load_matrix()
         dead.update(load, step + 1)
+        collapse.update(stats.token_share_matrix(), step + 1)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
             for i, layer in enumerate(stats.per_layer()):
                 record.update({f"moe/layer{i}/{k}": v for k, v in layer.items()})
@@ -218,15 +291,26 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         writer.write(record)
         last = step + 1 == t.steps
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            val_loss = evaluate(engine.model, val_batches, device, autocast)
+            val_loss = _evaluate(engine, val_batches, device, autocast)
             writer.write({"step": step + 1, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
         if (t.save_every and (step + 1) % t.save_every == 0) or last:
             engine.save(ckpt_root, step + 1, t.keep_checkpoints)
     writer.close()
     if start >= t.steps:
         log.info("nothing to train: the checkpoint is already at step %d of %d", start, t.steps)
-        val_loss = evaluate(model, val_batches, device, autocast)
-    save_file(model_state(model), str(out / "model.safetensors"))
+        val_loss = _evaluate(engine, val_batches, device, autocast)
+    state = engine.model_state()  # collective: the experts come from every rank
+    if main:
+        save_file(state, str(out / "model.safetensors"))
     run_steps = max(t.steps - start, 0)
     return TrainResult(steps=t.steps, final_loss=loss_val, val_loss=val_loss,
-                       tokens_per_s=run_steps * tokens_per_step / wall if wall else 0.0, wall_s=wall, out_dir=out)
+                       tokens_per_s=run_steps * tokens_per_step / wall if wall else 0.0, wall_s=wall, out_dir=out,
+                       rank=rank)
+
+
+if __name__ == "__main__":
+    # ``python -m moe.train RECIPE ...``: the module the DeepSpeed launcher runs
+    # (``deepspeed --num_gpus 2 --module moe.train recipes/tiny.yaml parallel.expert_parallel_size=2``).
+    from moe.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

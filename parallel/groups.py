@@ -16,6 +16,7 @@ so the groups built here and the ones DeepSpeed builds for ``ep_size_{P}`` hold 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -127,3 +128,12 @@ def build_expert_parallel_groups(world_size: int, rank: int, ep_size: int, num_e
     assert mine_ep is not None and mine_edp is not None
     return ExpertParallelGroups(ep_group=mine_ep[0], edp_group=mine_edp[0], ep_ranks=mine_ep[1],
                                 edp_ranks=mine_edp[1])
+
+
+def launched_world_size() -> int:
+    """How many processes this run has: the initialised default group's size, else the launcher's
+    ``WORLD_SIZE`` (``deepspeed``, ``torchrun``), else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
