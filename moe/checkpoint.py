@@ -12,10 +12,12 @@ never unpickles: safetensors, and ``torch.load(weights_only=True)`` for the opti
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
+
+# What ``save_checkpoint`` writes besides the manifest, and ``load_checkpoint`` reads.
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,8 +73,10 @@ def write_manifest(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def verify_checkpoint(folder: Path) -> None:
-    """``ValueError`` naming the first missing, truncated or altered file of checkpoint ``folder``."""
+def verify_checkpoint(folder: Path, required: tuple[str, ...] = ()) -> None:
+    """``ValueError`` naming the first missing, truncated or altered file of checkpoint ``folder``, or the first
+    of ``required`` (the files a loader will read) that the manifest does not list: an unlisted file would be
+    loaded unverified."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError(f"checkpoint {folder} has no manifest.json (incomplete or not a checkpoint)")
@@ -77,7 +84,16 @@ def verify_checkpoint(folder: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         raise ValueError(f"checkpoint {folder}: manifest.json is corrupt") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"checkpoint {folder}: manifest.json is corrupt (not a mapping of file names)")
+    for name in required:
+        if name not in manifest:
+            raise ValueError(f"checkpoint {folder}: file {name} is not listed in manifest.json (cannot verify it)")
     for name, entry in manifest.items():
+        well_formed = (isinstance(entry, dict) and type(entry.get("bytes")) is int
+                       and isinstance(entry.get("sha256"), str))
+        if not well_formed or "/" in name or name in ("", ".", ".."):  # names are plain files of the folder
+            raise ValueError(f"checkpoint {folder}: manifest.json is corrupt (entry {name!r})")
         path = folder / name
         if not path.is_file():
             raise ValueError(f"checkpoint {folder}: file {name} is missing")
@@ -90,12 +106,17 @@ def verify_checkpoint(folder: Path) -> None:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     keep: int) -> Path:
-    """Write checkpoint ``step`` under ``root``, point ``latest`` at it, and keep the newest ``keep``."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint ``step`` under ``root``, point ``latest`` at it, and keep the newest ``keep``.
+
+    A failed write (disk full, no permission) raises ``RuntimeError`` naming the folder and the reason, after
+    removing the partial temporary folder; the checkpoint ``latest`` names stays in force and intact.
+    """
     name = f"step_{step:08d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    tmp: Path | None = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
         save_file(model_state(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file(_rng_state(), str(tmp / "rng.safetensors"))
@@ -104,11 +125,22 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        marker_tmp = root / ".latest.tmp"
+        marker_tmp.write_text(name)
+        os.replace(marker_tmp, root / "latest")  # the marker is written last
+    except OSError as e:
+        previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+        raise RuntimeError(
+            f"could not write checkpoint {final}: {e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}"
+            f"{', ' + str(e.filename) if e.filename else ''}); "
+            + (f"the previous checkpoint {root / previous} is intact" if previous else "no earlier checkpoint")
+        ) from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    marker_tmp = root / ".latest.tmp"
-    marker_tmp.write_text(name)
-    os.replace(marker_tmp, root / "latest")  # the marker is written last
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # Temporary folders of saves that a crash interrupted (nothing else writes ``.step_*`` here).
+    for stale in root.glob(".step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -120,8 +152,12 @@ def resume_checkpoint(root: Path) -> Path | None:
     marker = root / "latest"
     candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     if marker.is_file():
-        named = root / marker.read_text().strip()
-        candidates = [named] + [c for c in candidates if c != named]
+        name = marker.read_text(errors="replace").strip()
+        if re.fullmatch(r"step_\d+", name):  # never a path out of ``root``
+            named = root / name
+            candidates = [named] + [c for c in candidates if c != named]
+        else:
+            log.warning("%s names %r, not a checkpoint of this folder; ignoring it", marker, name[:100])
     for i, path in enumerate(candidates):
         try:
             verify_checkpoint(path)
@@ -138,7 +174,7 @@ def resume_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Restore model, optimizer and RNG from ``path`` after verifying it; returns the step it was saved after."""
-    verify_checkpoint(path)
+    verify_checkpoint(path, required=CHECKPOINT_FILES)
     load_model_state(model, path / "model.safetensors")
     try:
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

@@ -227,7 +227,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # Peak dense FLOP/s of one device in TFLOP/s for the MFU figure; null: known GPUs only, no MFU on CPU.
     peak_tflops: float | None = None
-    # Warn when an expert of a layer has received no tokens for this many consecutive steps.
+    # Warn when an expert of a layer has received no tokens for this many consecutive steps, or has taken over
+    # 90% of the layer's tokens for this many (router collapse).
     dead_expert_steps: int = 50
     # A non-finite loss or gradient norm: skip the optimizer step and count it, or stop the run.
     on_nonfinite: Literal["skip", "stop"] = "skip"

@@ -6,6 +6,7 @@ Unknown keys and wrong types are ``ValueError``s that name the full dotted field
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -94,6 +95,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf passes every `> 0` check and .nan fails them with a puzzling message
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

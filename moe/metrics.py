@@ -31,14 +31,18 @@ class RouterStats:
         self.micro_batches = 0
         self.load: list[torch.Tensor] = []
         self.sums: list[dict[str, float]] = []
+        self.experts_per_token: list[float] = []  # per layer, summed over micro-batches (assignments / tokens)
 
     def add(self, routings: list[Routing]) -> None:
         if not self.load:
             self.load = [torch.zeros_like(r.tokens_per_expert, dtype=torch.float64, device="cpu") for r in routings]
             self.sums = [{} for _ in routings]
+            self.experts_per_token = [0.0 for _ in routings]
         self.micro_batches += 1
         for i, r in enumerate(routings):
             self.load[i] += r.tokens_per_expert.detach().double().cpu()
+            if "experts_per_token" in r.stats:
+                self.experts_per_token[i] += float(r.stats["experts_per_token"])
             sums = self.sums[i]
             for name, value in r.losses.items():
                 sums[f"aux/{name}"] = sums.get(f"aux/{name}", 0.0) + float(value.detach())
@@ -62,6 +66,15 @@ class RouterStats:
         m = torch.stack(self.load)
         return m / m.sum(dim=1, keepdim=True).clamp(min=1)
 
+    def token_share_matrix(self) -> torch.Tensor:
+        """(L, E) fraction of each layer's tokens that each expert computed: ``load_matrix()`` × the layer's
+        experts per token. 1 for an expert that every token of the step went to, whatever top-k is."""
+        share_LE = self.load_matrix()
+        if share_LE.numel() == 0:
+            return share_LE
+        per_token_L = torch.tensor(self.experts_per_token, dtype=share_LE.dtype) / max(self.micro_batches, 1)
+        return share_LE * per_token_L[:, None]
+
 
 class DeadExpertWatch:
     """Warns once per (layer, expert) that has had no tokens for ``patience`` consecutive steps."""
@@ -82,6 +95,47 @@ class DeadExpertWatch:
                 self.warned.add((layer, expert))
                 log.warning("step %d: expert %d of MoE layer %d has received no tokens for %d steps",
                             step, expert, layer, int(self.idle[layer, expert]))
+
+
+class RouterCollapseWatch:
+    """Warns once per (layer, expert) that has computed more than ``threshold`` of its layer's tokens for
+    ``patience`` consecutive steps: the router sends (almost) everything to that expert, so the layer acts as
+    one dense FFN and the other experts barely learn (the self-reinforcing imbalance of "Outrageously Large
+    Neural Networks", §4, that load-balancing losses exist to prevent). Layers whose balanced share (experts
+    per token / E) is already at or above ``threshold`` are never flagged: every expert sees most tokens there
+    by design.
+
+    ``update`` takes ``RouterStats.token_share_matrix()``: shares of tokens, not of assignments, so that one
+    expert of a top-2 layer that every token picks counts as 1.0 (its share of the assignments is only 0.5).
+    """
+
+    def __init__(self, patience: int, threshold: float = 0.9) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.patience = patience
+        self.threshold = threshold
+        self.streak: torch.Tensor | None = None  # (L, E) consecutive steps over the threshold
+        self.warned: set[tuple[int, int]] = set()
+
+    def update(self, token_share_LE: torch.Tensor, step: int) -> None:
+        if token_share_LE.numel() == 0:
+            return
+        if self.streak is None or self.streak.shape != token_share_LE.shape:
+            self.streak = torch.zeros(token_share_LE.shape, dtype=torch.long)
+        E = token_share_LE.shape[1]
+        balanced_L = token_share_LE.sum(dim=1) / E  # the share of each expert under perfect balance
+        over_LE = (token_share_LE > self.threshold) & (balanced_L < self.threshold)[:, None]
+        self.streak = torch.where(over_LE, self.streak + 1, torch.zeros_like(self.streak))
+        for layer, expert in (self.streak >= self.patience).nonzero().tolist():
+            if (layer, expert) not in self.warned:
+                self.warned.add((layer, expert))
+                log.warning("step %d: router collapse in MoE layer %d: expert %d has computed %.0f%% of the "
+                            "layer's tokens for %d steps (threshold %.0f%%); consider a larger "
+                            "model.moe.router.aux_loss_coef or a lower train.lr", step, layer, expert,
+                            100 * float(token_share_LE[layer, expert]), int(self.streak[layer, expert]),
+                            100 * self.threshold)
 
 
 class MetricsWriter:
@@ -121,3 +175,4 @@ class MetricsWriter:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+

@@ -76,7 +76,7 @@ def test_init_continues_from_a_model_folder(tmp_path):
     # a recipe with a different model section: --init's model wins, the data and train settings stay
     train(recipe(tmp_path, "train.steps=1", "model.hidden_size=64"), second, init=first, progress=False)
     assert "hidden_size: 32" in (second / "recipe.yaml").read_text()
-    with pytest.raises(ValueError, match="expected a model folder with recipe.yaml and model.safetensors"):
+    with pytest.raises(ValueError, match="expected a model folder: a run directory"):
         train(recipe(tmp_path, "train.steps=1"), tmp_path / "x", init=tmp_path / "nowhere", progress=False)
 
 

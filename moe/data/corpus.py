@@ -73,6 +73,14 @@ def _format_of(files: list[Path], fmt: str) -> str:
     )
 
 
+def _may_be_hub_name(source: str) -> bool:
+    """Whether a ``source`` that is no local file may name a Hub dataset: not a path, glob or file name (a
+    mistyped ``corpus.txt`` is reported as missing at once, not after the Hub lookup times out offline)."""
+    suffix = Path(source).suffix.lower()
+    return (not any(ch in source for ch in "*?") and not source.startswith((".", "/", "~"))
+            and suffix not in _TEXT_SUFFIXES | _JSON_SUFFIXES | {".parquet"})
+
+
 def _check_decodable(files: list[Path]) -> None:
     for path in files:
         try:
@@ -94,8 +102,22 @@ def _limit(ds: datasets.Dataset, max_chars: int | None) -> datasets.Dataset:
     return ds
 
 
-def load_corpus(cfg: DataConfig) -> datasets.Dataset:
-    """The documents of ``cfg.source`` as a Dataset with a single ``text`` column."""
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception: ``datasets`` wraps a parse error in a generic one."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def load_corpus(cfg: DataConfig, cache_dir: Path | None = None) -> datasets.Dataset:
+    """The documents of ``cfg.source`` as a Dataset with a single ``text`` column.
+
+    Args:
+        cfg: the data section of the recipe.
+        cache_dir: where ``datasets`` keeps its Arrow copies of local files (so that nothing is written outside
+            the run's cache); None is the ``datasets`` default (``~/.cache/huggingface/datasets``). Hub datasets
+            always use the ``datasets`` default, where earlier downloads are.
+    """
     if cfg.source is None:
         return datasets.Dataset.from_dict({"text": stdlib_documents(cfg.max_chars)})
     files = [] if cfg.format == "hub" else _local_files(cfg.source)
@@ -104,16 +126,18 @@ def load_corpus(cfg: DataConfig) -> datasets.Dataset:
         if fmt in ("text", "json"):
             _check_decodable(files)
         data_files = [str(p) for p in files]
+        kwargs = {"sample_by": "document"} if fmt == "text" else {}
+        verbosity = datasets.logging.get_verbosity()
+        # Its ERROR log of a parse failure would be a second line next to ours, which names the cause.
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         try:
-            if fmt == "text":
-                ds = datasets.load_dataset("text", data_files=data_files, sample_by="document", split="train")
-            else:
-                ds = datasets.load_dataset(fmt, data_files=data_files, split="train")
+            ds = datasets.load_dataset(fmt, data_files=data_files, split="train",
+                                       cache_dir=str(cache_dir) if cache_dir is not None else None, **kwargs)
         except Exception as e:  # datasets wraps parse errors in many types; name the source and the cause
-            raise ValueError(f"data.source: could not read {cfg.source} as {fmt}: {str(e).splitlines()[0]}") from None
-    elif cfg.format in ("auto", "hub") and not any(ch in cfg.source for ch in "*?") and not cfg.source.startswith(
-        (".", "/", "~")
-    ):
+            raise ValueError(f"data.source: could not read {cfg.source} as {fmt}: {_root_cause(e)}") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+    elif cfg.format == "hub" or (cfg.format == "auto" and _may_be_hub_name(cfg.source)):
         try:
             ds = datasets.load_dataset(cfg.source, cfg.hub_config, split=cfg.hub_split)
         except Exception as e:

@@ -108,7 +108,7 @@ def prepare_data(cfg: DataConfig, *, vocab_size: int, seq_len: int, seed: int = 
     if not progress:
         datasets.disable_progress_bars()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    corpus = load_corpus(cfg)
+    corpus = load_corpus(cfg, cache / "datasets")
     corpus_hash = _corpus_hash(corpus)
     tok_path = _tokenizer(cfg, corpus, corpus_hash, vocab_size, cache)
     tok = load_tokenizer(tok_path)

@@ -40,6 +40,21 @@ def _special_token_ids(run: Path) -> dict[str, int | list[int] | None]:
     return ids
 
 
+def _check_tokenizer(path: Path, vocab_size: int) -> None:
+    """A tokenizer with ids the embedding lacks would make an exported folder that fails on some inputs."""
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size()
+    except Exception:  # tokenizers raises its own Exception type; a file it cannot read is copied as it is
+        return
+    if size > vocab_size:
+        raise ValueError(f"{path}: {size} tokens, but the model's vocab_size is {vocab_size}; the tokenizer must "
+                         f"not have more tokens than the model (ids >= {vocab_size} have no embedding)")
+
+
 @dataclass
 class ExportResult:
     layout: str
@@ -63,6 +78,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, format: str = "hf") -> E
     layout = export_layout(load_recipe(run / RECIPE).model)  # refuse before reading the weights
     recipe, state = read_run(run)
     cfg = recipe.model
+    _check_tokenizer(run / "tokenizer.json", cfg.vocab_size)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) != 1:
         raise ValueError(f"{run}: weights mix dtypes {sorted(str(d) for d in dtypes)}; export needs one")
