@@ -98,18 +98,9 @@ def read_init(recipe: Recipe, init: Path) -> tuple[Recipe, dict[str, torch.Tenso
     """The model folder ``init`` (a run directory, or a Hugging Face folder such as ``moe upcycle``'s output):
     its model config replaces the recipe's (the data and train settings stay), its tokenizer is used when the
     recipe names none, and its weights are returned to start from."""
-    from moe.hf.import_hf import read_hf_model
-    from moe.hf.rundir import is_run_dir, read_run
+    from moe.hf.rundir import read_model_folder
 
-    if is_run_dir(init):
-        run_recipe, state = read_run(init)
-        model_cfg = run_recipe.model
-    elif (init / "config.json").is_file():
-        model_cfg, state, _ = read_hf_model(init)
-    else:
-        raise ValueError(f"--init {init}: expected a model folder: a run directory (recipe.yaml + model.safetensors, "
-                         "from `moe train` or `moe import`) or a Hugging Face folder (config.json + weights, e.g. from "
-                         "`moe upcycle`)")
+    model_cfg, state = read_model_folder(init, f"--init {init}")
     data = recipe.to_dict()
     data["model"] = to_dict(model_cfg)
     if (init / "tokenizer.json").is_file() and recipe.data.tokenizer is None:

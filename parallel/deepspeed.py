@@ -39,14 +39,30 @@ Checkpoints (``save`` / ``resume``): ``engine.save_checkpoint`` writes ``OUT/che
 marker is written last, atomically. Resume on the same layout is bit-exact. At ZeRO 0 (fp32) a checkpoint
 also resumes at another P or W: DeepSpeed reads the per-expert files of this rank's experts, and AdamW's state
 is re-sharded from every ``expp_rank`` file (``_resharded_optimizer_state``); ZeRO 1/2 partitions are not
-re-sharded (refused). NOTE: DeepSpeed loads its own files with ``torch.load(weights_only=False)`` (pickle).
-The manifest is verified first, which catches damaged files but not a forgery: resume only from checkpoints
-of known origin.
+re-sharded (refused).
+
+Safety of ``resume``: DeepSpeed loads its own files with ``torch.load(weights_only=False)``, i.e. pickle, which
+runs whatever code a forged file names. Two checks come first. The manifest (SHA-256 of every file) catches a
+damaged checkpoint, but not a forgery: whoever can write the folder can rewrite the manifest too. So every
+``*.pt`` file of the checkpoint is also disassembled without being run
+(``torch.serialization.get_unsafe_globals_in_checkpoint``), and resuming is refused when one names a Python
+global outside torch's weights-only set (tensors, storages, ``OrderedDict``, ...) and ``DEEPSPEED_PICKLE_GLOBALS``
+(the three classes DeepSpeed's ZeRO files hold), or is not an archive that can be disassembled (a legacy pickle,
+TorchScript, a pickle protocol above 2). NOTE: a file swapped between this check and DeepSpeed's load is not
+caught (the folder must not be writable by others while a run resumes).
+
+``save`` fails cleanly: a write that fails on any rank (disk full, no permission) raises the same one-line
+``RuntimeError`` on every rank, after the partial step folder is removed; ``latest`` and the checkpoint it
+names are untouched. The ranks agree after each phase of the save (``_agree``) and DeepSpeed's writes are
+deferred on failure (``_DeferredWriteErrors``), so no rank is left waiting in a collective that a failed rank
+skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import json
 import logging
 import math
@@ -87,6 +103,106 @@ _RECIPE_OWNED = {
     "scheduler": "train.lr, train.warmup_steps, train.min_lr_ratio (the trainer sets the learning rate)",
     "managed_gradient_accumulation": "nothing: the trainer accumulates gradients itself",
 }
+
+
+# The Python globals that DeepSpeed's own checkpoint files pickle beyond torch's weights-only set (which
+# ``torch.serialization.get_unsafe_globals_in_checkpoint`` leaves out of its answer). Found by saving DeepSpeed
+# 0.19.8 checkpoints with this engine at ZeRO 0, 1 and 2 (expert parallel 1 and 2; fp32) and with a bare
+# DeepSpeed engine at ZeRO 0, 1, 2 in fp32 and bf16, and listing every file's globals: the model-state,
+# per-expert and stage-0 optimizer files (``expp_rank_*``, also bf16's ``FP16_UnfusedOptimizer``) hold only
+# tensors, storages, ``torch.Size`` and ``OrderedDict``; the ZeRO 1/2 optimizer files (``zero_pp_rank_*``,
+# ``bf16_zero_pp_rank_*``) add these three. ``tests/reliability/test_deepspeed_safety.py`` re-derives the list.
+# Under a full unpickler each of them can only be built, not made to run code: a class whose ``__init__`` sets
+# attributes (LossScaler), an int Enum, a two-int dataclass; the names must match exactly (no dotted paths).
+DEEPSPEED_PICKLE_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # ZeRO 1/2: the (static) loss scaler, also in fp32/bf16
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # ZeRO 1/2: the stage the partitions were written at
+    "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO 1/2: where each parameter lies in a partition
+})
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def check_pickled_files(folder: Path, shard: tuple[int, int] = (0, 1)) -> None:
+    """Refuse a checkpoint whose pickled files could run code when DeepSpeed loads them; nothing is unpickled.
+
+    Every ``*.pt`` file under ``folder`` (subfolders too: DeepSpeed's universal checkpoints keep them there) is
+    disassembled by ``torch.serialization.get_unsafe_globals_in_checkpoint``; with ``shard=(i, n)`` only files
+    ``i, i+n, ...`` of the sorted list (the ranks share the work).
+
+    Raises:
+        ValueError: one line naming the first offending file and what is wrong: a global outside torch's
+            weights-only set and ``DEEPSPEED_PICKLE_GLOBALS``, a file that cannot be disassembled, or a torch
+            without the inspection function (added in torch 2.5).
+    """
+    files = sorted(p for p in folder.rglob("*.pt") if not p.is_dir())[shard[0]::shard[1]]
+    inspect = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if files and inspect is None:
+        raise ValueError(f"{files[0]} cannot be loaded safely: torch {torch.__version__} lacks "
+                         "torch.serialization.get_unsafe_globals_in_checkpoint (torch >= 2.5), which checks "
+                         "DeepSpeed's pickled checkpoint files before they are loaded; upgrade torch to resume")
+    for path in files:
+        try:
+            found = inspect(str(path))
+        except Exception as e:  # not a torch.save zip archive, TorchScript, or opcodes it does not know
+            raise ValueError(f"{path} cannot be loaded safely: it cannot be inspected without running it "
+                             f"({_first_line(e)}); DeepSpeed writes torch.save zip archives of pickle protocol 2"
+                             ) from None
+        unknown = sorted(set(found) - DEEPSPEED_PICKLE_GLOBALS)
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise ValueError(f"{path} cannot be loaded safely: it refers to the Python global {unknown[0]}{more}, "
+                             "which DeepSpeed's checkpoint files do not use (a forged or foreign file?)")
+
+
+def _write_failure(e: BaseException, path: str | None = None) -> str:
+    """Why a write failed, for the one-line error: ``reason (ERRNO, path)`` for an OSError."""
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename or path
+        return f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)}{', ' + str(where) if where else ''})"
+    # torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos ..."), without errno
+    return f"{type(e).__name__}: {_first_line(e)}{f' ({path})' if path else ''}"
+
+
+def _attempt(write: Any) -> str | None:
+    """Run ``write()``; why it failed (``_write_failure``), or None."""
+    try:
+        write()
+    except Exception as e:
+        return _write_failure(e)
+    return None
+
+
+class _DeferredWriteErrors:
+    """Stands for DeepSpeed's checkpoint engine during ``save_checkpoint``: a write or folder creation that fails
+    is recorded and this rank's later writes are skipped, instead of raising out of ``save_checkpoint``. A rank
+    that left it early would skip its remaining collectives (its final barrier) and leave the others waiting
+    there until the process-group timeout; the ranks agree on the outcome afterwards (``DeepSpeedEngine._agree``).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.failure: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.failure is None:
+            try:
+                self.inner.save(state_dict, path)
+            except Exception as e:
+                self.failure = _write_failure(e, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        if self.failure is None:
+            try:
+                self.inner.makedirs(path, exist_ok=exist_ok)
+            except Exception as e:
+                self.failure = _write_failure(e, path)
 
 
 def uses_bf16(recipe: Recipe, cuda: bool) -> bool:
@@ -157,6 +273,9 @@ def load_config(recipe: Recipe, world_size: int, *, cuda: bool | None = None) ->
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if config.get("checkpoint", {}).get("checkpoint_serialization", True) is False:
+        raise ValueError("parallel.deepspeed_config: checkpoint.checkpoint_serialization=false writes legacy "
+                         "pickles, which cannot be inspected before --resume loads them; remove it")
     if config.get("fp16", {}).get("enabled", False):
         raise ValueError("parallel.deepspeed_config: fp16 is not supported; bf16 is used on CUDA (train.dtype)")
     return config
@@ -464,32 +583,79 @@ class DeepSpeedEngine:
                 "num_experts": self.num_experts}
 
     def save(self, root: Path, step: int, keep: int) -> None:
-        """Every rank calls this. ``latest`` is replaced last, so a crash leaves the previous one in force."""
+        """Every rank calls this. ``latest`` is replaced last, so a crash leaves the previous one in force.
+
+        Raises:
+            RuntimeError: on every rank alike, when a write failed on any rank (disk full, no permission): one
+                line naming the step folder, the reason (errno and file for an OSError) and the rank. The partial
+                step folder is removed first; ``latest`` and the checkpoint it names are untouched.
+        """
         tag = f"step_{step:08d}"
         folder = root / tag
-        if self.rank == 0:
+
+        def prepare() -> None:
             root.mkdir(parents=True, exist_ok=True)
             if folder.exists():  # a partial save of a crashed run, or a rerun of this step after a resume
                 shutil.rmtree(folder)
-        dist.barrier()
-        self.ds.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        save_file(rng, str(folder / f"rng_rank{self.rank:05d}.safetensors"))
-        dist.barrier()
-        if self.rank == 0:
+
+        self._agree(root, folder, _attempt(prepare) if self.rank == 0 else None)  # before anyone writes there
+        writer = _DeferredWriteErrors(self.ds.checkpoint_engine)
+        self.ds.checkpoint_engine = writer
+        try:
+            self.ds.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+        finally:
+            self.ds.checkpoint_engine = writer.inner
+        failure = writer.failure
+        if failure is None:
+            rng = {"torch": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            failure = _attempt(lambda: save_file(rng, str(folder / f"rng_rank{self.rank:05d}.safetensors")))
+        self._agree(root, folder, failure)
+
+        def finish() -> None:
             (folder / "state.json").write_text(json.dumps({"step": step, **self._layout()}))
             write_manifest(folder)
             marker_tmp = root / ".latest.tmp"
             marker_tmp.write_text(tag)
             os.replace(marker_tmp, root / "latest")  # DeepSpeed's marker, written last
+
+        self._agree(root, folder, _attempt(finish) if self.rank == 0 else None)
+        if self.rank == 0:
             for old in sorted(q for q in root.glob("step_*") if q.is_dir())[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
+    def _agree(self, root: Path, folder: Path, failure: str | None) -> None:
+        """Collective: every rank learns whether any rank's part of saving ``folder`` failed (``failure``: why,
+        or None); if one did, the partial folder is removed and every rank raises the first rank's reason."""
+        failures: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(failures, failure)
+        failed = [(r, why) for r, why in enumerate(failures) if why is not None]
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (root / ".latest.tmp").unlink(missing_ok=True)
+        dist.barrier()  # removed before any rank reports
+        try:
+            previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+        except OSError:
+            previous = None
+        rank, why = failed[0]
+        raise RuntimeError(f"could not write checkpoint {folder}: {why} on rank {rank}; "
+                           + (f"the previous checkpoint {root / previous} is intact" if previous
+                              else "no earlier checkpoint"))
+
     def resume(self, root: Path) -> int:
-        """Load the newest intact checkpoint under ``root`` (rank 0 verifies, every rank loads); its step."""
+        """Load the newest intact checkpoint under ``root`` (rank 0 verifies the manifest, the ranks share the
+        inspection of the pickled files, every rank loads); its step.
+
+        Raises:
+            ValueError: on every rank alike: no intact checkpoint, a pickled file that could run code
+                (``check_pickled_files``), or a layout that cannot be resumed.
+        """
         choice: list[Any] = [None]
         if self.rank == 0:
             try:
@@ -504,6 +670,17 @@ class DeepSpeedEngine:
         if value is None:
             return 0
         folder = root / value
+        # Before anything of it is unpickled: every rank inspects its share of the files, all agree.
+        try:
+            check_pickled_files(folder, shard=(self.rank, self.world_size))
+            refusal = None
+        except ValueError as e:
+            refusal = str(e)
+        refusals: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(refusals, refusal)
+        refused = sorted(r for r in refusals if r is not None)
+        if refused:
+            raise ValueError(refused[0])
         meta = json.loads((folder / "state.json").read_text())
         if "ep_size" not in meta:
             raise ValueError(f"checkpoint {folder} was written by the one-process trainer (moe.checkpoint), not "

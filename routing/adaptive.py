@@ -20,12 +20,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
-from routing.base import Router, Routing, loss_overrides, router_dtype
-from routing.jitter import Jitter
-from routing.losses import load_balancing_loss, z_loss
-from routing.token_choice import token_choice_routing, topk_indices
+from routing.base import Routing
+from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 
 @dataclass(kw_only=True)
@@ -67,7 +64,7 @@ def mean_k_capacity_factor(capacity_factor: float | None, indices_TK: torch.Tens
     return capacity_factor * requested / max(T * K, 1)
 
 
-class AdaptiveRouter(Router):
+class AdaptiveRouter(TokenChoiceRouter):
     """Linear router ``z = W x``; softmax in fp32; one or two experts per token by the gap ``p1 - p2``.
 
     The common ``router.top_k`` and ``router.renormalize`` do not apply (a token gets 1 or 2 experts, with the
@@ -76,117 +73,58 @@ class AdaptiveRouter(Router):
     With a capacity factor, C is sized by the group's mean experts per token (see ``mean_k_capacity_factor``).
 
     Args:
-        hidden_size: D.
         num_experts: E (>= 2).
+        jitter: as for ``TokenChoiceRouter``, but ``"gumbel"`` is refused: the gap rule reads the probabilities,
+            and no source defines a noisy gap.
         options: the router's own settings.
-        aux_loss_coef, lb_f_normalization, z_loss_coef, capacity_factor, eval_capacity_factor, min_capacity,
-        init_std, jitter, jitter_eps: as for ``TopKRouter`` (``jitter="gumbel"`` is refused: the gap rule
-            reads the probabilities, and no source defines a noisy gap).
+        hidden_size, aux_loss_coef, lb_f_normalization, z_loss_coef, capacity_factor, eval_capacity_factor,
+        min_capacity, init_std, jitter_eps: as for ``TokenChoiceRouter``.
     """
 
     Options = AdaptiveOptions
+    unused_config_fields = ("top_k", "renormalize")  # they do not apply (above)
 
-    def __init__(
-        self,
-        *,
-        hidden_size: int,
-        num_experts: int,
-        options: AdaptiveOptions | None = None,
-        aux_loss_coef: float = 0.01,
-        lb_f_normalization: str = "assignments",
-        z_loss_coef: float = 0.0,
-        capacity_factor: float | None = None,
-        eval_capacity_factor: float | None = None,
-        min_capacity: int = 4,
-        init_std: float = 0.02,
-        jitter: str = "none",
-        jitter_eps: float = 1e-2,
-    ) -> None:
-        super().__init__()
+    def __init__(self, *, num_experts: int, jitter: str = "none", **kwargs) -> None:
         if num_experts < 2:
             raise ValueError(f"moe.num_experts must be >= 2 for the adaptive router, got {num_experts}")
         if jitter == "gumbel":
             raise ValueError("router.jitter: 'gumbel' is not defined for the adaptive router; use none, "
                              "input_jitter or logit_mult_jitter")
-        self.options = options or AdaptiveOptions()
-        self.num_experts = num_experts
-        self.top_k = 2
-        self.aux_loss_coef = aux_loss_coef
-        self.lb_f_normalization = lb_f_normalization
-        self.z_loss_coef = z_loss_coef
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.init_std = init_std
-        self.jitter = Jitter(jitter, jitter_eps)
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E, D), like nn.Linear
-        self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, moe_cfg, hidden_size: int) -> "AdaptiveRouter":
-        rc = moe_cfg.router
-        return cls(
-            hidden_size=hidden_size,
-            num_experts=moe_cfg.num_experts,
-            options=rc.router_options(),
-            **loss_overrides(rc),
-            z_loss_coef=rc.z_loss_coef,
-            capacity_factor=moe_cfg.capacity_factor,
-            eval_capacity_factor=moe_cfg.eval_capacity_factor,
-            min_capacity=moe_cfg.min_capacity,
-            init_std=rc.init_std,
-            jitter=rc.jitter,
-            jitter_eps=rc.jitter_eps,
-        )
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+        super().__init__(num_experts=num_experts, top_k=2, jitter=jitter, **kwargs)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
                 seq_len: int | None = None) -> Routing:
-        E = self.num_experts
         opts = self.options
-        # NOTE: fp32 router maths (float64 for float64 inputs), autocast off: a bf16 gap p1 - p2 is coarse
-        # enough to flip the decision of many tokens.
-        dtype = router_dtype(x_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            xr_TD = self.jitter.router_input(x_TD.to(dtype))
-            logits_TE = self.jitter.logits(nn.functional.linear(xr_TD, self.weight.to(dtype)))
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-            top2_TK = topk_indices(logits_TE, 2)  # ties towards the lower index
-            with torch.no_grad():
-                p_TK = probs_TE.gather(1, top2_TK)
-                # The threshold reads the raw softmax probabilities, not the renormalized pair (§4.1 pitfall).
-                single_T = (p_TK[:, 0] - p_TK[:, 1]) >= opts.threshold
-            pair_w_TK = torch.softmax(logits_TE.gather(1, top2_TK), dim=-1)  # p_i / (p1 + p2), stably
-            if opts.single_expert_weight == "gshard":
-                single_w_T = pair_w_TK[:, 0]
-            elif opts.single_expert_weight == "raw":
-                single_w_T = probs_TE.gather(1, top2_TK[:, :1]).squeeze(1)
-            else:  # "one": renormalized over {i1}, a constant, so the router gets no task gradient from it
-                single_w_T = torch.ones_like(pair_w_TK[:, 0])
-            first_T = torch.where(single_T, single_w_T, pair_w_TK[:, 0])
-            second_T = torch.where(single_T, torch.zeros_like(pair_w_TK[:, 1]), pair_w_TK[:, 1])
-            weights_TK = torch.stack([first_T, second_T], dim=1)
+        # NOTE: fp32 router maths (float64 for float64 inputs): a bf16 gap p1 - p2 is coarse enough to flip the
+        # decision of many tokens.
+        logits_TE = self.router_logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        top2_TK = topk_indices(logits_TE, 2)  # ties towards the lower index
+        with torch.no_grad():
+            p_TK = probs_TE.gather(1, top2_TK)
+            # The threshold reads the raw softmax probabilities, not the renormalized pair (§4.1 pitfall).
+            single_T = (p_TK[:, 0] - p_TK[:, 1]) >= opts.threshold
+        pair_w_TK = torch.softmax(logits_TE.gather(1, top2_TK), dim=-1)  # p_i / (p1 + p2), stably
+        if opts.single_expert_weight == "gshard":
+            single_w_T = pair_w_TK[:, 0]
+        elif opts.single_expert_weight == "raw":
+            single_w_T = probs_TE.gather(1, top2_TK[:, :1]).squeeze(1)
+        else:  # "one": renormalized over {i1}, a constant, so the router gets no task gradient from it
+            single_w_T = torch.ones_like(pair_w_TK[:, 0])
+        first_T = torch.where(single_T, single_w_T, pair_w_TK[:, 0])
+        second_T = torch.where(single_T, torch.zeros_like(pair_w_TK[:, 1]), pair_w_TK[:, 1])
+        weights_TK = torch.stack([first_T, second_T], dim=1)
         indices_TK = torch.where(single_T.unsqueeze(1) & (torch.arange(2, device=x_TD.device) == 1),
                                  torch.full_like(top2_TK, -1), top2_TK)
 
-        losses: dict[str, torch.Tensor] = {}
-        if self.aux_loss_coef > 0:
-            lb = load_balancing_loss(probs_TE, indices_TK, E, self.lb_f_normalization)  # type: ignore[arg-type]
-            losses["load_balancing"] = self.aux_loss_coef * lb
-        if self.z_loss_coef > 0:
-            losses["z_loss"] = self.z_loss_coef * z_loss(logits_TE)
-
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
         return token_choice_routing(
             indices_TK,
             weights_TK,
             probs_TE,
-            num_experts=E,
-            capacity_factor=mean_k_capacity_factor(cf, indices_TK),
+            num_experts=self.num_experts,
+            capacity_factor=mean_k_capacity_factor(self.active_capacity_factor, indices_TK),
             min_capacity=self.min_capacity,
-            losses=losses,
+            losses=self.auxiliary_losses(probs_TE, indices_TK, logits_TE),
             has_empty_slots=True,
             extra_stats={"single_expert_fraction": single_T.float().mean()},
         )

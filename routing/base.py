@@ -61,7 +61,9 @@ class Router(nn.Module):
         seq_len: S, so that sequence-level statistics can split the T tokens into B sequences.
 
     Each router file defines its class, a ``@dataclass(kw_only=True) Options`` for its own settings (read
-    from ``router.options`` of a recipe; unknown keys are errors), and ``from_config``.
+    from ``router.options`` of a recipe; unknown keys are errors), and ``from_config``. Learned routers derive
+    from ``routing.linear.LinearRouter`` (the gate ``W x``), token-choice ones from
+    ``routing.token_choice.TokenChoiceRouter`` (the common settings, losses and ``from_config``).
     """
 
     Options: ClassVar[type] = NoOptions

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
-from routing.base import Router, Routing, router_dtype, routing_stats
+from routing.base import Routing, routing_stats
+from routing.linear import LinearRouter
 from routing.losses import z_loss
 
 # ROUTERS.md §2 defaults: c = 2 ("EC-CF2", the compute of top-2 token choice) [R].
@@ -109,7 +109,7 @@ def expert_choice_select(probs_GNE: torch.Tensor, capacity: int) -> tuple[torch.
     return token_GEC, probs_GEN.gather(-1, token_GEC)
 
 
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(LinearRouter):
     """Linear router ``z = W x``; each expert takes its top-C tokens of the routing group (module docstring).
 
     Args:
@@ -142,7 +142,6 @@ class ExpertChoiceRouter(Router):
         eval_routing: Literal["top_c", "threshold"] = "top_c",
         threshold_momentum: float = 0.99,
     ) -> None:
-        super().__init__()
         if causal and not allow_causal_leak:
             raise ValueError(CAUSAL_LEAK_MESSAGE)
         Options(allow_causal_leak=allow_causal_leak, group=group, eval_routing=eval_routing,
@@ -152,23 +151,21 @@ class ExpertChoiceRouter(Router):
                 raise ValueError(f"expert_choice: moe.{name} must be > 0, got {value}")
         if num_experts < 1:
             raise ValueError(f"expert_choice: num_experts must be >= 1, got {num_experts}")
-        self.num_experts = num_experts
+        # No router noise: recipes that ask for it are refused in from_config.
+        super().__init__(hidden_size=hidden_size, num_experts=num_experts, init_std=init_std)
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
         self.z_loss_coef = z_loss_coef
-        self.init_std = init_std
         self.group = group
         self.eval_routing = eval_routing
         self.threshold_momentum = threshold_momentum
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E, D), like nn.Linear
         # Inference thresholds τ_e (saved with the model) and how many optimizer steps have updated them.
         self.register_buffer("threshold", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
         # Per-step accumulators of the C-th largest score per group (not saved: reset every step).
         self.register_buffer("_kth_sum", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("_kth_count", torch.zeros((), dtype=torch.float32), persistent=False)
-        self.reset_parameters()
 
     @classmethod
     def from_config(cls, moe_cfg, hidden_size: int) -> "ExpertChoiceRouter":
@@ -194,19 +191,13 @@ class ExpertChoiceRouter(Router):
             threshold_momentum=opts.threshold_momentum,
         )
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
-
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
                 seq_len: int | None = None) -> Routing:
         T = x_TD.shape[0]
         E = self.num_experts
-        # NOTE: router maths in fp32 with autocast off (Switch Transformer, ROUTERS.md §0.3): bf16 scores tie
-        # and flip the top-C choice. float64 stays float64 for exact gradient tests.
-        dtype = router_dtype(x_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = nn.functional.linear(x_TD.to(dtype), self.weight.to(dtype))
-            probs_TE = torch.softmax(logits_TE, dim=-1)
+        # NOTE: router maths in fp32 (ROUTERS.md §0.3): bf16 scores tie and flip the top-C choice.
+        logits_TE = self.router_logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
 
         if not self.training and self.eval_routing == "threshold":
             token_A, expert_A, weight_A = self._route_by_threshold(probs_TE)

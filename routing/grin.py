@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from routing.base import Router, Routing, loss_overrides, router_dtype
+from routing.base import Routing
 from routing.jitter import gumbel_noise
-from routing.losses import load_balancing_loss, z_loss
-from routing.token_choice import token_choice_routing, topk_indices
+from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 HEUN_SCALE = 1.0 / 3.0  # s on the non-argmax, B = 0 branch (the reference code writes 0.3333)
 FIRST_ORDER_PROB = 0.25  # P(B = 1): Heun's rule weights f'(pE) by 1/4 and f'(pE/3) by 3/4
@@ -155,11 +153,11 @@ def sparsemixer_v2(logits_TE: torch.Tensor, top_k: int, eps: float,
     return experts_TK, weights_TK, scale_TK
 
 
-class GrinRouter(Router):
+class GrinRouter(TokenChoiceRouter):
     """Linear router ``z = W x`` with SparseMixer-v2 sampling in training and masked-softmax top-k at inference.
 
-    Dropless only (GRIN trained with no capacity factor, §5.9). The common ``router.renormalize`` does not apply:
-    the K weights are never renormalized (§5.10 pitfall 1).
+    Dropless only (GRIN trained with no capacity factor, §5.9), and no router noise: SparseMixer samples its own.
+    The common ``router.renormalize`` does not apply: the K weights are never renormalized (§5.10 pitfall 1).
 
     Args:
         hidden_size: D.
@@ -174,6 +172,8 @@ class GrinRouter(Router):
     """
 
     Options = GrinOptions
+    # Dropless, its own noise, never renormalized (above); router.jitter_eps becomes ``eps``.
+    unused_config_fields = ("renormalize", "capacity_factor", "eval_capacity_factor", "min_capacity", "jitter")
 
     def __init__(
         self,
@@ -188,24 +188,17 @@ class GrinRouter(Router):
         z_loss_coef: float = 0.0,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"router.top_k must be between 1 and num_experts={num_experts}, got {top_k}")
         if not 0 <= eps < 1:
             raise ValueError(f"router.jitter_eps (SparseMixer's masking tolerance ε) must be in [0, 1), got {eps}")
-        self.options = options or GrinOptions()
-        self.num_experts = num_experts
-        self.top_k = top_k
+        super().__init__(hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, options=options,
+                         aux_loss_coef=aux_loss_coef, lb_f_normalization=lb_f_normalization, z_loss_coef=z_loss_coef,
+                         min_capacity=0, init_std=init_std)
         self.eps = eps
-        self.aux_loss_coef = aux_loss_coef
-        self.lb_f_normalization = lb_f_normalization
-        self.z_loss_coef = z_loss_coef
-        self.init_std = init_std
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E, D), like nn.Linear
-        self.reset_parameters()
 
     @classmethod
-    def from_config(cls, moe_cfg, hidden_size: int) -> "GrinRouter":
+    def kwargs_from_config(cls, moe_cfg, hidden_size: int) -> dict[str, Any]:
         rc = moe_cfg.router
         if rc.jitter != "none":
             raise ValueError(f"router.jitter must be 'none' for the grin router, got {rc.jitter!r}: SparseMixer "
@@ -214,44 +207,26 @@ class GrinRouter(Router):
             if getattr(moe_cfg, name) is not None:
                 raise ValueError(f"moe.{name} must be null for the grin router (GRIN trains and serves dropless), "
                                  f"got {getattr(moe_cfg, name)}")
-        return cls(
-            hidden_size=hidden_size,
-            num_experts=moe_cfg.num_experts,
-            top_k=rc.top_k,
-            options=rc.router_options(),
-            eps=rc.jitter_eps,
-            **loss_overrides(rc),
-            z_loss_coef=rc.z_loss_coef,
-            init_std=rc.init_std,
-        )
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+        kwargs = super().kwargs_from_config(moe_cfg, hidden_size)
+        kwargs["eps"] = kwargs.pop("jitter_eps")
+        return kwargs
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
                 seq_len: int | None = None) -> Routing:
-        E, K = self.num_experts, self.top_k
-        # NOTE: fp32 router maths (float64 for float64 inputs), autocast off: the mask band and the Gumbel
-        # samples are biased in bf16 (§5.10 pitfall 4).
-        dtype = router_dtype(x_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = nn.functional.linear(x_TD.to(dtype), self.weight.to(dtype))
-            experts_TK, weights_TK, scale_TK = sparsemixer_v2(logits_TE, K, self.eps, self.training)
-            probs_TE = torch.softmax(logits_TE, dim=-1)  # full and unmasked: P of the LB loss, the entropy stat
-
-            losses: dict[str, torch.Tensor] = {}
-            if self.aux_loss_coef > 0:
-                lb_TK = experts_TK if self.options.lb_f_from == "routed" else topk_indices(logits_TE, K)
-                lb = load_balancing_loss(probs_TE, lb_TK, E, self.lb_f_normalization)  # type: ignore[arg-type]
-                losses["load_balancing"] = self.aux_loss_coef * lb
-            if self.z_loss_coef > 0:
-                losses["z_loss"] = self.z_loss_coef * z_loss(logits_TE)
+        K = self.top_k
+        # NOTE: fp32 router maths (float64 for float64 inputs): the mask band and the Gumbel samples are biased
+        # in bf16 (§5.10 pitfall 4).
+        logits_TE = self.router_logits(x_TD)
+        experts_TK, weights_TK, scale_TK = sparsemixer_v2(logits_TE, K, self.eps, self.training)
+        probs_TE = torch.softmax(logits_TE, dim=-1)  # full and unmasked: P of the LB loss, the entropy stat
+        lb_TK = experts_TK if self.options.lb_f_from == "routed" else topk_indices(logits_TE, K)
+        losses = self.auxiliary_losses(probs_TE, lb_TK, logits_TE)
 
         with torch.no_grad():
             # Share of the K·T draws on the Heun branch (s = 1/3): non-argmax and B = 0; 0 in eval.
             stats = {"heun_fraction": (scale_TK != 1).float().mean()}
         routing = token_choice_routing(
-            experts_TK, weights_TK, probs_TE, num_experts=E, capacity_factor=None, min_capacity=0,
+            experts_TK, weights_TK, probs_TE, num_experts=self.num_experts, capacity_factor=None, min_capacity=0,
             losses=losses, extra_stats=stats,
         )
         if self.training and not self.options.expert_grad_follows_reference_code:

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
-from routing.base import Router, Routing, router_dtype
-from routing.jitter import Jitter, gumbel_noise
-from routing.losses import load_balancing_loss, z_loss
-from routing.token_choice import common_router_kwargs, token_choice_routing, topk_indices
+from routing.base import Routing
+from routing.jitter import gumbel_noise
+from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 SecondPolicy = Literal["all", "random", "threshold", "sampling", "none"]
 SECOND_POLICIES = ("all", "random", "threshold", "sampling", "none")
@@ -53,24 +51,19 @@ class GShardOptions:
             raise ValueError(f"router.options.second_threshold must be in (0, 1], got {self.second_threshold}")
 
 
-class GShardRouter(Router):
+class GShardRouter(TokenChoiceRouter):
     """Top-2 softmax router of GShard with a second-expert policy.
 
     Args:
-        hidden_size: D.
         num_experts: E (at least 2).
         top_k: must be 2.
         renormalize: must be True: GShard always normalises its two gates (``normalize_before_policy`` says when).
-        aux_loss_coef: α of the load-balancing loss (GShard: 1e-2).
-        lb_f_normalization: GShard counts first choices only (``"first_choice"``, the default here).
-        z_loss_coef: β of the router z-loss (0 disables it).
-        capacity_factor: None for dropless; else the training capacity factor (GShard: 1.25).
-        eval_capacity_factor: capacity factor in ``eval()`` mode (GShard: 2.0; None: dropless).
-        min_capacity: lower bound on the slots per expert.
-        init_std: std of the normal init of ``W``.
-        jitter: training-only noise (ROUTERS.md §1.7).
-        jitter_eps: its ε.
+        lb_f_normalization: how the load-balancing ``f`` is normalised; GShard counts first choices only
+            (``"first_choice"``, the default here).
         options: the settings of ``GShardOptions``.
+        hidden_size, aux_loss_coef, z_loss_coef, capacity_factor, eval_capacity_factor, min_capacity, init_std,
+        jitter, jitter_eps: as for ``TokenChoiceRouter`` (GShard: ``aux_loss_coef = 1e-2``, the default, and
+            ``capacity_factor = 1.25`` / ``eval_capacity_factor = 2.0``).
     """
 
     Options = GShardOptions
@@ -78,22 +71,12 @@ class GShardRouter(Router):
     def __init__(
         self,
         *,
-        hidden_size: int,
         num_experts: int,
         top_k: int = 2,
         renormalize: bool = True,
-        aux_loss_coef: float = 0.01,
         lb_f_normalization: str = "first_choice",
-        z_loss_coef: float = 0.0,
-        capacity_factor: float | None = None,
-        eval_capacity_factor: float | None = None,
-        min_capacity: int = 4,
-        init_std: float = 0.02,
-        jitter: str = "none",
-        jitter_eps: float = 1e-2,
-        options: GShardOptions | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__()
         if top_k != 2:
             raise ValueError(f"router.top_k must be 2 for the gshard router, got {top_k}")
         if num_experts < 2:
@@ -103,55 +86,31 @@ class GShardRouter(Router):
                 "router.renormalize must be true for the gshard router: it always normalises its two gates "
                 "(router.options.normalize_before_policy chooses before the policy or after dropping)"
             )
-        self.num_experts = num_experts
-        self.top_k = 2
-        self.aux_loss_coef = aux_loss_coef
-        self.lb_f_normalization = lb_f_normalization
-        self.z_loss_coef = z_loss_coef
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.init_std = init_std
-        self.options = options or GShardOptions()
-        self.jitter = Jitter(jitter, jitter_eps)
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E, D), like nn.Linear
-        self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, moe_cfg, hidden_size: int) -> "GShardRouter":
-        return cls(**common_router_kwargs(moe_cfg, hidden_size), options=moe_cfg.router.router_options())
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+        super().__init__(num_experts=num_experts, top_k=2, lb_f_normalization=lb_f_normalization, **kwargs)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
                 seq_len: int | None = None) -> Routing:
-        E = self.num_experts
         opts = self.options
         policy = opts.second_policy if self.training else opts.second_policy_eval
-        # NOTE: router maths in fp32 with autocast off (see TopKRouter); float64 stays float64 for exact tests.
-        dtype = router_dtype(x_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            xr_TD = self.jitter.router_input(x_TD.to(dtype))
-            logits_TE = self.jitter.logits(nn.functional.linear(xr_TD, self.weight.to(dtype)))
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-            with torch.no_grad():
-                sel_TE = self.jitter.selection(logits_TE)
-                if policy == "sampling":
-                    # Gumbel-max over softmax(z) with i1 excluded by −inf (praxis: a very negative finite value).
-                    first_T1 = topk_indices(sel_TE, 1)
-                    noisy_TE = logits_TE + gumbel_noise(logits_TE)
-                    second_T1 = topk_indices(noisy_TE.scatter(1, first_T1, float("-inf")), 1)
-                    indices_TK = torch.cat([first_T1, second_T1], dim=1)
-                else:
-                    indices_TK = topk_indices(sel_TE, 2)
-            if opts.normalize_before_policy:
-                # (p_i1, p_i2) / (p_i1 + p_i2) == softmax over the two selected logits: the full normaliser
-                # cancels, so only these two logits get task gradient. NOTE: Mesh-TF adds 1e-9 to the
-                # denominator; two finite logits never need it, and without it the cancellation is exact.
-                gates_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
+        logits_TE = self.router_logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        with torch.no_grad():
+            sel_TE = self.jitter.selection(logits_TE)
+            if policy == "sampling":
+                # Gumbel-max over softmax(z) with i1 excluded by −inf (praxis: a very negative finite value).
+                first_T1 = topk_indices(sel_TE, 1)
+                noisy_TE = logits_TE + gumbel_noise(logits_TE)
+                second_T1 = topk_indices(noisy_TE.scatter(1, first_T1, float("-inf")), 1)
+                indices_TK = torch.cat([first_T1, second_T1], dim=1)
             else:
-                gates_TK = probs_TE.gather(1, indices_TK)
+                indices_TK = topk_indices(sel_TE, 2)
+        if opts.normalize_before_policy:
+            # (p_i1, p_i2) / (p_i1 + p_i2) == softmax over the two selected logits: the full normaliser
+            # cancels, so only these two logits get task gradient. NOTE: Mesh-TF adds 1e-9 to the
+            # denominator; two finite logits never need it, and without it the cancellation is exact.
+            gates_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
+        else:
+            gates_TK = probs_TE.gather(1, indices_TK)
 
         with torch.no_grad():
             g2_T = gates_TK[:, 1]
@@ -165,22 +124,15 @@ class GShardRouter(Router):
                 keep2_T = torch.rand_like(g2_T) < g2_T / opts.second_threshold
             indices_TK = torch.stack([indices_TK[:, 0], torch.where(keep2_T, indices_TK[:, 1], -1)], dim=1)
 
-        losses: dict[str, torch.Tensor] = {}
-        if self.aux_loss_coef > 0:
-            # f from the decision before capacity; GShard's "first_choice" counts the i1 alone.
-            lb = load_balancing_loss(probs_TE, indices_TK, E, self.lb_f_normalization)  # type: ignore[arg-type]
-            losses["load_balancing"] = self.aux_loss_coef * lb
-        if self.z_loss_coef > 0:
-            losses["z_loss"] = self.z_loss_coef * z_loss(logits_TE)
-
         return token_choice_routing(
             indices_TK,
             gates_TK,
             probs_TE,
-            num_experts=E,
-            capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
+            num_experts=self.num_experts,
+            capacity_factor=self.active_capacity_factor,
             min_capacity=self.min_capacity,
-            losses=losses,
+            # f from the decision before capacity; GShard's "first_choice" counts the i1 alone.
+            losses=self.auxiliary_losses(probs_TE, indices_TK, logits_TE),
             has_empty_slots=True,
             renormalize_after_drop=not opts.normalize_before_policy,
             per_rank_stats=True,

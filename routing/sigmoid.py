@@ -22,12 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from routing.base import Router, Routing, router_dtype
-from routing.jitter import Jitter
-from routing.losses import load_balancing_loss
-from routing.token_choice import common_router_kwargs, token_choice_routing, topk_indices
+from routing.base import Routing
+from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 
 @dataclass(kw_only=True)
@@ -63,56 +60,30 @@ class SigmoidOptions:
             raise ValueError(f"router.options.seq_aux_loss_coef must be >= 0, got {self.seq_aux_loss_coef}")
 
 
-class SigmoidRouter(Router):
+class SigmoidRouter(TokenChoiceRouter):
     """Sigmoid scores, optional group limit and selection bias, weights normalised over the selected experts.
 
     Args:
-        hidden_size: D.
-        num_experts: E.
-        top_k: K.
         renormalize: divide the selected scores by their sum (V3); False gives ``route_scale · s``.
         aux_loss_coef: α of the batch-wise Switch load-balancing loss on the sum-normalised scores
-            (0 disables it; V3 relies on the bias and the tiny sequence-wise loss instead).
-        lb_f_normalization: how that loss's ``f`` is normalised (ROUTERS.md §0.4a).
+            (0, the default here, disables it; V3 relies on the bias and the tiny sequence-wise loss instead).
         z_loss_coef: must be 0: the z-loss is defined for softmax routers only.
-        capacity_factor: None for dropless (V3 is dropless); else the training capacity factor.
-        eval_capacity_factor: capacity factor in ``eval()`` mode (None: dropless).
-        min_capacity: lower bound on the slots per expert.
-        init_std: std of the normal init of ``W``.
-        jitter: training-only noise (ROUTERS.md §1.7); ``gumbel`` perturbs the logits of the selection only.
-        jitter_eps: its ε.
         options: the settings of ``SigmoidOptions``.
+        hidden_size, num_experts, top_k, lb_f_normalization, capacity_factor, eval_capacity_factor, min_capacity,
+        init_std, jitter, jitter_eps: as for ``TokenChoiceRouter`` (``top_k`` is required; V3 is dropless;
+            ``gumbel`` jitter perturbs the logits of the selection only).
     """
 
     Options = SigmoidOptions
 
-    def __init__(
-        self,
-        *,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        renormalize: bool = True,
-        aux_loss_coef: float = 0.0,
-        lb_f_normalization: str = "assignments",
-        z_loss_coef: float = 0.0,
-        capacity_factor: float | None = None,
-        eval_capacity_factor: float | None = None,
-        min_capacity: int = 4,
-        init_std: float = 0.02,
-        jitter: str = "none",
-        jitter_eps: float = 1e-2,
-        options: SigmoidOptions | None = None,
-    ) -> None:
-        super().__init__()
-        opts = options or SigmoidOptions()
-        E = num_experts
-        if not 1 <= top_k <= E:
-            raise ValueError(f"top_k must be between 1 and num_experts={E}, got {top_k}")
-        if z_loss_coef != 0:
+    def __init__(self, *, renormalize: bool = True, aux_loss_coef: float = 0.0, **kwargs) -> None:
+        # The checks below come after the common ones (top_k first), as they read the checked top_k.
+        super().__init__(aux_loss_coef=aux_loss_coef, **kwargs)
+        opts, E, top_k = self.options, self.num_experts, self.top_k
+        if self.z_loss_coef != 0:
             raise ValueError(
                 f"router.z_loss_coef must be 0 for the sigmoid router (the z-loss is defined for softmax routers "
-                f"only, ROUTERS.md §1.3), got {z_loss_coef}"
+                f"only, ROUTERS.md §1.3), got {self.z_loss_coef}"
             )
         if E % opts.n_groups:
             raise ValueError(f"router.options.n_groups={opts.n_groups} must divide moe.num_experts={E}")
@@ -127,18 +98,7 @@ class SigmoidRouter(Router):
                 f"router.options.n_groups={opts.n_groups} leaves {group_size} expert per group; with the "
                 "loss-free bias a group's score is the sum of its top-2 scores, so groups need >= 2 experts"
             )
-        self.num_experts = E
-        self.top_k = top_k
         self.renormalize = renormalize
-        self.aux_loss_coef = aux_loss_coef
-        self.lb_f_normalization = lb_f_normalization
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.init_std = init_std
-        self.options = opts
-        self.jitter = Jitter(jitter, jitter_eps)
-        self.weight = nn.Parameter(torch.empty(E, hidden_size))  # (E, D), like nn.Linear
         if opts.loss_free_bias:
             # A buffer, not a parameter: no gradient, in no optimizer group, no weight decay, saved in the
             # state dict under DeepSeek's name. fp32 always (see _apply): updates of 1e-3 vanish in bf16
@@ -149,14 +109,6 @@ class SigmoidRouter(Router):
         # Assignments per expert over the training forwards since the last optimizer step. Not a buffer: it is
         # not saved, and DDP's buffer broadcast would overwrite each rank's own count with rank 0's.
         self.load_since_step = torch.zeros(E, dtype=torch.int64)
-        self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, moe_cfg, hidden_size: int) -> "SigmoidRouter":
-        return cls(**common_router_kwargs(moe_cfg, hidden_size), options=moe_cfg.router.router_options())
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
 
     def _apply(self, fn, recurse: bool = True):
         # NOTE: model.to(torch.bfloat16) / .half() / .double() would cast the bias like any float buffer
@@ -190,25 +142,21 @@ class SigmoidRouter(Router):
                 seq_len: int | None = None) -> Routing:
         E, K = self.num_experts, self.top_k
         bias_E = self.e_score_correction_bias
-        # NOTE: router maths in fp32 with autocast off (see TopKRouter); float64 stays float64 for exact tests.
-        dtype = router_dtype(x_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            xr_TD = self.jitter.router_input(x_TD.to(dtype))
-            logits_TE = self.jitter.logits(nn.functional.linear(xr_TD, self.weight.to(dtype)))
-            scores_TE = torch.sigmoid(logits_TE)
-            with torch.no_grad():
-                sel_TE = torch.sigmoid(self.jitter.selection(logits_TE))
-                if bias_E is not None:
-                    sel_TE = sel_TE + bias_E.to(dtype)  # the bias chooses, it never weighs
-                if self.options.n_groups > 1:
-                    sel_TE = self._limit_groups(sel_TE)
-                indices_TK = topk_indices(sel_TE, K)
-            weights_TK = scores_TE.gather(1, indices_TK)
-            if self.renormalize:
-                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-            weights_TK = self.options.route_scale * weights_TK
-            # The distribution the balance losses use: sum-normalised scores s' (ROUTERS.md §0.4a).
-            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        logits_TE = self.router_logits(x_TD)
+        scores_TE = torch.sigmoid(logits_TE)
+        with torch.no_grad():
+            sel_TE = torch.sigmoid(self.jitter.selection(logits_TE))
+            if bias_E is not None:
+                sel_TE = sel_TE + bias_E.to(logits_TE.dtype)  # the bias chooses, it never weighs
+            if self.options.n_groups > 1:
+                sel_TE = self._limit_groups(sel_TE)
+            indices_TK = topk_indices(sel_TE, K)
+        weights_TK = scores_TE.gather(1, indices_TK)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        weights_TK = self.options.route_scale * weights_TK
+        # The distribution the balance losses use: sum-normalised scores s' (ROUTERS.md §0.4a).
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
 
         with torch.no_grad():
             selected_E = torch.bincount(indices_TK.reshape(-1), minlength=E)
@@ -220,22 +168,19 @@ class SigmoidRouter(Router):
             mean = selected_E.float().mean()
             max_violation = (selected_E.max().float() - mean) / mean.clamp(min=1e-9)
 
-        losses: dict[str, torch.Tensor] = {}
-        if self.aux_loss_coef > 0:
-            lb = load_balancing_loss(probs_TE, indices_TK, E, self.lb_f_normalization)  # type: ignore[arg-type]
-            losses["load_balancing"] = self.aux_loss_coef * lb
+        own: dict[str, torch.Tensor] = {}
         if self.options.seq_aux_loss_coef > 0:
             seq_lb = sequence_load_balancing_loss(probs_TE, indices_TK, E, seq_len)
-            losses["seq_load_balancing"] = self.options.seq_aux_loss_coef * seq_lb
+            own["seq_load_balancing"] = self.options.seq_aux_loss_coef * seq_lb
 
         return token_choice_routing(
             indices_TK,
             weights_TK,
             probs_TE,
             num_experts=E,
-            capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
+            capacity_factor=self.active_capacity_factor,
             min_capacity=self.min_capacity,
-            losses=losses,
+            losses=self.auxiliary_losses(probs_TE, indices_TK, logits_TE, own=own),
             extra_stats={"max_violation": max_violation},
         )
 

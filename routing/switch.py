@@ -16,7 +16,8 @@ class pins those two settings and rejects a recipe that asks for anything else.
 
 from __future__ import annotations
 
-from routing.token_choice import common_router_kwargs
+from typing import Any
+
 from routing.topk import TopKRouter
 
 
@@ -28,6 +29,8 @@ class SwitchRouter(TopKRouter):
     dropless, and ``jitter = "input_jitter"`` with ε = 1e-2 (the experts keep the clean input).
     """
 
+    unused_config_fields = ("top_k", "renormalize")  # pinned: 1 and False
+
     def __init__(self, **kwargs) -> None:
         for name in ("top_k", "renormalize"):
             if name in kwargs:
@@ -35,7 +38,7 @@ class SwitchRouter(TopKRouter):
         super().__init__(top_k=1, renormalize=False, **kwargs)
 
     @classmethod
-    def from_config(cls, moe_cfg, hidden_size: int) -> "SwitchRouter":
+    def kwargs_from_config(cls, moe_cfg, hidden_size: int) -> dict[str, Any]:
         rc = moe_cfg.router
         if rc.top_k != 1:
             raise ValueError(f"router.top_k must be 1 for the switch router, got {rc.top_k}")
@@ -44,6 +47,4 @@ class SwitchRouter(TopKRouter):
                 "router.renormalize must be false for the switch router: a renormalised top-1 weight is "
                 "exactly 1 and gives the router no task gradient (ROUTERS.md §1.2)"
             )
-        kwargs = common_router_kwargs(moe_cfg, hidden_size)
-        del kwargs["top_k"], kwargs["renormalize"]
-        return cls(**kwargs)
+        return super().kwargs_from_config(moe_cfg, hidden_size)

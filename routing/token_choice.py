@@ -1,7 +1,7 @@
-"""The part every token-choice router shares: pick the top-k, then turn ``(indices_TK, weights_TK)`` plus
-capacity into a ``Routing`` (ROUTERS.md §0.2, §0.5, §0.6).
+"""The part every token-choice router shares: its settings and losses (``TokenChoiceRouter``), pick the
+top-k, then turn ``(indices_TK, weights_TK)`` plus capacity into a ``Routing`` (ROUTERS.md §0.2, §0.5, §0.6).
 
-Shape legend: T tokens, E experts, K slots per token, A assignments.
+Shape legend: T tokens, D model width, E experts, K slots per token, A assignments.
 
 A slot holding ``-1`` is empty (e.g. a GShard second choice that its policy did not keep): it takes no
 expert slot, is not an assignment and is not counted as dropped.
@@ -9,12 +9,14 @@ expert slot, is not an assignment and is not counted as dropped.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from routing.base import Routing, loss_overrides, routing_stats
 from routing.capacity import capacity_keep_mask, expert_capacity
+from routing.linear import LinearRouter
+from routing.losses import load_balancing_loss, z_loss
 
 
 def common_router_kwargs(moe_cfg: Any, hidden_size: int) -> dict[str, Any]:
@@ -35,6 +37,105 @@ def common_router_kwargs(moe_cfg: Any, hidden_size: int) -> dict[str, Any]:
         jitter_eps=rc.jitter_eps,
         **loss_overrides(rc),
     )
+
+
+class TokenChoiceRouter(LinearRouter):
+    """Base class of the linear-gate token-choice routers: the settings they all read from ``RouterConfig`` and
+    ``MoEConfig``, their load-balancing and z-losses, and ``from_config``. Subclasses add the routing rule
+    (``forward``), their own settings and checks, and their own defaults (passed on to this constructor).
+
+    Args:
+        top_k: K, the most experts a token can get.
+        options: the router's ``Options`` (None: their defaults).
+        aux_loss_coef: α of the Switch load-balancing loss (0 disables it).
+        lb_f_normalization: how its ``f`` is normalised (ROUTERS.md §0.4a).
+        z_loss_coef: β of the router z-loss (0 disables it).
+        capacity_factor: None for dropless; else the training capacity factor.
+        eval_capacity_factor: capacity factor in ``eval()`` mode (None: dropless).
+        min_capacity: lower bound on the slots per expert.
+        hidden_size, num_experts, init_std, jitter, jitter_eps: as for ``LinearRouter``.
+    """
+
+    # Fields of ``common_router_kwargs`` that do not apply to the router: its constructor does not take them,
+    # and ``kwargs_from_config`` leaves them out.
+    unused_config_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        options: Any = None,
+        aux_loss_coef: float = 0.01,
+        lb_f_normalization: str = "assignments",
+        z_loss_coef: float = 0.0,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        init_std: float = 0.02,
+        jitter: str = "none",
+        jitter_eps: float = 1e-2,
+    ) -> None:
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
+        super().__init__(hidden_size=hidden_size, num_experts=num_experts, init_std=init_std, jitter=jitter,
+                         jitter_eps=jitter_eps)
+        self.top_k = top_k
+        self.options = self.Options() if options is None else options
+        self.aux_loss_coef = aux_loss_coef
+        self.lb_f_normalization = lb_f_normalization
+        self.z_loss_coef = z_loss_coef
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, hidden_size: int) -> "TokenChoiceRouter":
+        return cls(**cls.kwargs_from_config(moe_cfg, hidden_size))
+
+    @classmethod
+    def kwargs_from_config(cls, moe_cfg: Any, hidden_size: int) -> dict[str, Any]:
+        """The constructor arguments for ``moe_cfg``: ``common_router_kwargs`` but its ``unused_config_fields``,
+        and the router's ``options``. A router that checks the config, or renames a field, extends this."""
+        kwargs = common_router_kwargs(moe_cfg, hidden_size)
+        for name in cls.unused_config_fields:
+            del kwargs[name]
+        return dict(kwargs, options=moe_cfg.router.router_options())
+
+    @property
+    def active_capacity_factor(self) -> float | None:
+        """The capacity factor of the current mode (``train()`` or ``eval()``); None is dropless."""
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def auxiliary_losses(
+        self,
+        probs_TE: torch.Tensor,
+        indices_TK: torch.Tensor,
+        logits_TE: torch.Tensor,
+        own: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``load_balancing`` (if α > 0), then the router's ``own`` losses, then ``z_loss`` (if β > 0).
+
+        NOTE: the model sums the losses in this order, and a floating-point sum depends on its order.
+
+        Args:
+            probs_TE: (T, E) the router distribution ``P`` of the load-balancing loss.
+            indices_TK: (T, K) the experts its ``f`` counts (before capacity), ``-1`` for an empty slot.
+            logits_TE: (T, E) the logits of the z-loss.
+            own: further losses of the router, already multiplied by their coefficients.
+        Returns:
+            name -> scalar, each multiplied by its coefficient.
+        """
+        losses: dict[str, torch.Tensor] = {}
+        if self.aux_loss_coef > 0:
+            lb = load_balancing_loss(probs_TE, indices_TK, self.num_experts,
+                                     self.lb_f_normalization)  # type: ignore[arg-type]
+            losses["load_balancing"] = self.aux_loss_coef * lb
+        losses.update(own or {})
+        if self.z_loss_coef > 0:
+            losses["z_loss"] = self.z_loss_coef * z_loss(logits_TE)
+        return losses
 
 
 @torch.no_grad()

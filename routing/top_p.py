@@ -15,13 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
 from routing.adaptive import mean_k_capacity_factor
-from routing.base import Router, Routing, loss_overrides, router_dtype
-from routing.jitter import Jitter
-from routing.losses import load_balancing_loss, z_loss
-from routing.token_choice import token_choice_routing
+from routing.base import Routing
+from routing.token_choice import TokenChoiceRouter, token_choice_routing
 
 
 @dataclass(kw_only=True)
@@ -84,7 +81,7 @@ def entropy_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return -(log_p_TE.exp() * log_p_TE).sum(dim=-1).mean()
 
 
-class TopPRouter(Router):
+class TopPRouter(TokenChoiceRouter):
     """Linear router ``z = W x``; softmax in fp32; the smallest descending prefix with mass above θ.
 
     The common ``router.top_k`` and ``router.renormalize`` do not apply; ``self.top_k`` is ``max_experts``, the
@@ -93,104 +90,47 @@ class TopPRouter(Router):
     sized by the group's mean experts per token (``routing.adaptive.mean_k_capacity_factor``).
 
     Args:
-        hidden_size: D.
         num_experts: E.
         options: the router's own settings.
-        aux_loss_coef, lb_f_normalization, z_loss_coef, capacity_factor, eval_capacity_factor, min_capacity,
-        init_std, jitter, jitter_eps: as for ``TopKRouter`` (``jitter="gumbel"`` is refused: the rule reads
-            the probabilities, and no source defines a noisy cumulative mass).
+        jitter: as for ``TokenChoiceRouter``, but ``"gumbel"`` is refused: the rule reads the probabilities, and
+            no source defines a noisy cumulative mass.
+        hidden_size, aux_loss_coef, lb_f_normalization, z_loss_coef, capacity_factor, eval_capacity_factor,
+        min_capacity, init_std, jitter_eps: as for ``TokenChoiceRouter``.
     """
 
     Options = TopPOptions
+    unused_config_fields = ("top_k", "renormalize")  # they do not apply (above)
 
-    def __init__(
-        self,
-        *,
-        hidden_size: int,
-        num_experts: int,
-        options: TopPOptions | None = None,
-        aux_loss_coef: float = 0.01,
-        lb_f_normalization: str = "assignments",
-        z_loss_coef: float = 0.0,
-        capacity_factor: float | None = None,
-        eval_capacity_factor: float | None = None,
-        min_capacity: int = 4,
-        init_std: float = 0.02,
-        jitter: str = "none",
-        jitter_eps: float = 1e-2,
-    ) -> None:
-        super().__init__()
-        self.options = options or TopPOptions()
-        k_max = self.options.max_experts
+    def __init__(self, *, num_experts: int, options: TopPOptions | None = None, jitter: str = "none",
+                 **kwargs) -> None:
+        options = options or TopPOptions()
+        k_max = options.max_experts
         if k_max is not None and k_max > num_experts:
             raise ValueError(f"router.options.max_experts must be <= moe.num_experts={num_experts}, got {k_max}")
         if jitter == "gumbel":
             raise ValueError("router.jitter: 'gumbel' is not defined for the top_p router; use none, "
                              "input_jitter or logit_mult_jitter")
-        self.num_experts = num_experts
-        self.top_k = k_max or num_experts
-        self.aux_loss_coef = aux_loss_coef
-        self.lb_f_normalization = lb_f_normalization
-        self.z_loss_coef = z_loss_coef
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.init_std = init_std
-        self.jitter = Jitter(jitter, jitter_eps)
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E, D), like nn.Linear
-        self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, moe_cfg, hidden_size: int) -> "TopPRouter":
-        rc = moe_cfg.router
-        return cls(
-            hidden_size=hidden_size,
-            num_experts=moe_cfg.num_experts,
-            options=rc.router_options(),
-            **loss_overrides(rc),
-            z_loss_coef=rc.z_loss_coef,
-            capacity_factor=moe_cfg.capacity_factor,
-            eval_capacity_factor=moe_cfg.eval_capacity_factor,
-            min_capacity=moe_cfg.min_capacity,
-            init_std=rc.init_std,
-            jitter=rc.jitter,
-            jitter_eps=rc.jitter_eps,
-        )
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+        super().__init__(num_experts=num_experts, top_k=k_max or num_experts, options=options, jitter=jitter,
+                         **kwargs)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
                 seq_len: int | None = None) -> Routing:
-        E = self.num_experts
         opts = self.options
-        # NOTE: fp32 router maths (float64 for float64 inputs), autocast off: the cumulative sum must not be bf16.
-        dtype = router_dtype(x_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            xr_TD = self.jitter.router_input(x_TD.to(dtype))
-            logits_TE = self.jitter.logits(nn.functional.linear(xr_TD, self.weight.to(dtype)))
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-            indices_TK = top_p_indices(probs_TE, opts.threshold, self.top_k, opts.boundary)
-            # Raw probabilities, not renormalized (authors' code); empty slots gather expert 0 and are dropped.
-            weights_TK = probs_TE.gather(1, indices_TK.clamp(min=0))
+        # NOTE: fp32 router maths (float64 for float64 inputs): the cumulative sum must not be bf16.
+        logits_TE = self.router_logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        indices_TK = top_p_indices(probs_TE, opts.threshold, self.top_k, opts.boundary)
+        # Raw probabilities, not renormalized (authors' code); empty slots gather expert 0 and are dropped.
+        weights_TK = probs_TE.gather(1, indices_TK.clamp(min=0))
+        own = {"entropy": opts.entropy_loss_coef * entropy_loss(logits_TE)} if opts.entropy_loss_coef > 0 else {}
 
-            losses: dict[str, torch.Tensor] = {}
-            if self.aux_loss_coef > 0:
-                lb = load_balancing_loss(probs_TE, indices_TK, E, self.lb_f_normalization)  # type: ignore[arg-type]
-                losses["load_balancing"] = self.aux_loss_coef * lb
-            if opts.entropy_loss_coef > 0:
-                losses["entropy"] = opts.entropy_loss_coef * entropy_loss(logits_TE)
-            if self.z_loss_coef > 0:
-                losses["z_loss"] = self.z_loss_coef * z_loss(logits_TE)
-
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
         return token_choice_routing(
             indices_TK,
             weights_TK,
             probs_TE,
-            num_experts=E,
-            capacity_factor=mean_k_capacity_factor(cf, indices_TK),
+            num_experts=self.num_experts,
+            capacity_factor=mean_k_capacity_factor(self.active_capacity_factor, indices_TK),
             min_capacity=self.min_capacity,
-            losses=losses,
+            losses=self.auxiliary_losses(probs_TE, indices_TK, logits_TE, own=own),
             has_empty_slots=True,
         )

@@ -20,14 +20,16 @@ fi
 
 stamp=".venv/.installed-$(cat setup.py scripts/setup_env.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "setup: installing into .venv (first run only)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  echo "setup: installing into .venv (first run only; pip's log: .venv/install.log)" >&2
+  log=.venv/install.log
+  pip_install() { .venv/bin/python -m pip install -q "$@" >>"$log" 2>&1 || { cat "$log" >&2; exit 1; }; }
+  pip_install --upgrade pip
   if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
-    .venv/bin/python -m pip install -q "torch==${TORCH_CPU_VERSION}" 2>&1 | grep -v '^WARNING: Location' || true
+    pip_install "torch==${TORCH_CPU_VERSION}"
   fi
-  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+  pip_install -e ".[test]"
   .venv/bin/python -c 'import torch, deepspeed, triton, transformers, datasets, tokenizers, safetensors, yaml, moe' \
-    || { echo "setup: the install into .venv is incomplete (see the pip output above)" >&2; exit 1; }
+    || { echo "setup: the install into .venv is incomplete (see .venv/install.log)" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

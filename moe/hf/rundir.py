@@ -103,3 +103,18 @@ def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def read_model_folder(path: str | Path, where: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and weights of a run directory or a Hugging Face folder; ``where`` prefixes the error."""
+    from moe.hf.import_hf import read_hf_model  # import_hf imports this module
+
+    path = Path(path)
+    if is_run_dir(path):
+        recipe, state = read_run(path)
+        return recipe.model, state
+    if (path / "config.json").is_file():
+        cfg, state, _ = read_hf_model(path)
+        return cfg, state
+    raise ValueError(f"{where}: expected a model folder: a run directory (recipe.yaml + model.safetensors, from "
+                     "`moe train` or `moe import`) or a Hugging Face folder (config.json + weights)")

@@ -16,8 +16,7 @@ from pathlib import Path
 from moe.checkpoint import model_state
 from moe.config import MoEConfig, RouterConfig
 from moe.hf.export_hf import export_hf
-from moe.hf.import_hf import read_hf_model
-from moe.hf.rundir import build_model, copy_side_files, is_run_dir, read_run, write_run
+from moe.hf.rundir import build_model, copy_side_files, read_model_folder, write_run
 from moe.model import MoEModel
 from moe.upcycle.build import target_moe_config, upcycle_with_report
 from moe.upcycle.options import parse_method_options
@@ -26,15 +25,7 @@ from moe.upcycle.report import UpcycleReport
 
 def read_dense(src: str | Path) -> MoEModel:
     """The dense model of a run directory or a Hugging Face folder (fp32, eval mode)."""
-    src = Path(src)
-    if is_run_dir(src):
-        recipe, state = read_run(src)
-        cfg = recipe.model
-    elif (src / "config.json").is_file():
-        cfg, state, _ = read_hf_model(src)
-    else:
-        raise ValueError(f"{src}: not a model folder (expected a Hugging Face folder with config.json, or a run "
-                         "directory with recipe.yaml)")
+    cfg, state = read_model_folder(src, str(src))
     if cfg.moe is not None:
         raise ValueError(f"{src}: already an MoE model ({cfg.moe.num_experts} experts); upcycling needs a dense one")
     return build_model(cfg, state)

@@ -20,12 +20,18 @@ What "equal" means here:
 * a run moved between layouts (2 ranks, expert parallel 2 → 4 ranks, EP 4 → 1 process, EP 1, the global
   batch kept at 4 sequences, load-balancing loss off as above): every step within 1e-5 of the run that never
   moved. Not bitwise: the dense gradients are reduced over another number of ranks.
+
+The same job forges checkpoints (a pickle that would create a file, planted in a DeepSpeed checkpoint with its
+manifest rewritten) and fails writes during saves (ENOSPC on one rank), with the engines it has built anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -111,8 +117,10 @@ def _tags(rank: int, cache: Path) -> dict:
     return out
 
 
-def _skip_and_step(rank: int, cache: Path, stage: int) -> dict:
-    """The engine alone: rank 1 asks to skip a step whose gradients are finite; then a normal step."""
+def _skip_and_step(rank: int, cache: Path, stage: int, run: Path, work: Path) -> dict:
+    """The engine alone: rank 1 asks to skip a step whose gradients are finite; then a normal step. Then the
+    same engine (the layout of ``run``) resumes forged copies of ``run``'s checkpoint and, at ZeRO 0, saves
+    with failing writes (under ``work``)."""
     import math
 
     import torch
@@ -135,7 +143,152 @@ def _skip_and_step(rank: int, cache: Path, stage: int) -> dict:
         changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
         return [norm if math.isfinite(norm) else None, stepped, changed]
 
-    return {"skip": forward_backward_step(skip=rank == 1), "step": forward_backward_step(skip=False)}
+    out = {"skip": forward_backward_step(skip=rank == 1), "step": forward_backward_step(skip=False)}
+    start = time.perf_counter()
+    out["planted"] = _forged_resumes(rank, engine, run, work / "forged", PLANTED[stage])
+    if stage == 0:
+        out["save_faults"] = _save_faults(rank, engine, work / "faults" / "checkpoints")
+    out["seconds_forged_and_faults"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+class _Exploit:
+    """Unpickling this calls ``open(marker, "w")``: a file appearing means the pickle ran code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path: Path, marker: Path, container: str) -> None:
+    """``path``: a pickle creating ``marker`` when unpickled, as ``torch.save`` writes it (``zip``), in a dict
+    that also holds what DeepSpeed's ZeRO files hold (``zip_with_deepspeed_classes``: the allow-listed classes do
+    not vouch for the rest), or as a plain pickle (``legacy``, which ``torch.load`` reads too)."""
+    import torch
+
+    payload: dict = {"module": {"w": torch.zeros(2)}, "exploit": _Exploit(str(marker))}
+    if container == "zip_with_deepspeed_classes":
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        payload.update(loss_scaler=LossScaler(1.0), zero_stage=ZeroStageEnum.gradients,
+                       address=fragment_address(numel=4, start=0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if container == "legacy":
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=2)
+    else:
+        torch.save(payload, path)
+
+
+# What each forged copy of a step-2 checkpoint gets: {case: (file to replace or add, container)}. Rank 0 loads
+# mp_rank_00 at every stage, rank 1 its experts (layer_1_expert_3: ranks 0-1 hold experts 0-1, 2-3) and its own
+# ZeRO partition; the subfolder file is what DeepSpeed's universal checkpoints hold, unlisted in the manifest.
+PLANTED = {
+    0: {"model_states": ("mp_rank_00_model_states.pt", "zip"),
+        "expert_legacy_pickle": ("layer_1_expert_3_mp_rank_00_model_states.pt", "legacy")},
+    2: {"zero_partition": ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "zip_with_deepspeed_classes"),
+        "universal_subfolder": ("zero/model.layers.0.attn.q.weight/fp32.pt", "zip")},
+}
+
+
+def _forged_resumes(rank: int, engine, run: Path, work: Path, cases: dict) -> dict:
+    """``engine.resume`` of forged copies of ``run``'s step-2 checkpoint (the manifest rewritten to match):
+    {case: [the error, whether the pickle ran]}, and whether each payload is live (rank 0 unpickles a copy)."""
+    import torch
+    import torch.distributed as dist
+
+    from moe.checkpoint import write_manifest
+
+    out: dict = {}
+    tag = "step_00000002"
+    for case, (name, container) in cases.items():
+        root = work / case / "checkpoints"
+        if rank == 0:
+            shutil.copytree(run / "checkpoints" / tag, root / tag)
+            (root / "latest").write_text(tag)
+            _plant(root / tag / name, work / case / "pwned", container)
+            write_manifest(root / tag)  # every hash matches: the manifest proves integrity, not authorship
+            probe = work / case / "probe.pt"  # the same payload is live: an unsafe load runs it
+            _plant(probe, work / case / "ran_in_probe", container)
+            with contextlib.suppress(RuntimeError):  # a plain pickle fails torch.load after it ran
+                torch.load(probe, weights_only=False)
+        dist.barrier()
+        try:
+            engine.resume(root)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        dist.barrier()
+        out[case] = {"error": error, "ran": (work / case / "pwned").exists(),
+                     "probe_ran": (work / case / "ran_in_probe").exists()}
+    return out
+
+
+def _disk_full(real):
+    """A writer that writes half the file, then fails as a full disk does."""
+    def save(self, state_dict, path):
+        real(self, state_dict, path)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return save
+
+
+def _save_faults(rank: int, engine, root: Path) -> dict:
+    """Save step 2, then step 3 with DeepSpeed's writer failing on rank 1 (ENOSPC, half the file written), then
+    step 4 with rank 0's RNG file refused (EACCES); then resume. Every rank reports what it saw."""
+    import torch.distributed as dist
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    import parallel.deepspeed as pd
+    from moe.checkpoint import verify_checkpoint
+
+    out: dict = {"errors": {}}
+    engine.save(root, 2, keep=3)
+    def rng_write_fails(tensors, filename, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", filename)
+
+    faults = {3: (1, TorchCheckpointEngine, "save", _disk_full(TorchCheckpointEngine.save)),
+              4: (0, pd, "save_file", rng_write_fails)}
+    for step, (faulty_rank, owner, name, replacement) in faults.items():
+        real = getattr(owner, name)
+        if rank == faulty_rank:
+            setattr(owner, name, replacement)
+        try:
+            engine.save(root, step, keep=3)
+            out["errors"][step] = None
+        except RuntimeError as e:
+            out["errors"][step] = str(e)
+        finally:
+            setattr(owner, name, real)
+        dist.barrier()
+        out.setdefault("listing", {})[step] = sorted(p.name for p in root.iterdir())
+    out["latest"] = (root / "latest").read_text()
+    if rank == 0:
+        verify_checkpoint(root / "step_00000002")
+    out["writer_restored"] = type(engine.ds.checkpoint_engine).__name__
+    out["resumed_at"] = engine.resume(root)
+    return out
+
+
+def _pickled_globals(runs: list[Path]) -> dict:
+    """Per run: {kind of file: the globals outside torch's weights-only set its checkpoint files name}."""
+    import re
+
+    import torch
+
+    out: dict = {}
+    for run in runs:
+        kinds: dict = {}
+        for path in sorted(run.glob("checkpoints/step_*/*.pt")):
+            kind = re.sub(r"\d+", "N", path.name)
+            kinds.setdefault(kind, set()).update(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        out[run.name] = {k: sorted(v) for k, v in kinds.items()}
+    return out
 
 
 def _poisoned_run(rank: int, cache: Path, out: Path) -> list:
@@ -205,7 +358,7 @@ def deepspeed_checks(rank: int, world_size: int, root: str, cache: str) -> dict:
                   resume=True, progress=False)
             out["runs"][f"zero{stage}_resumed"] = _records(resumed)
             lap(f"zero{stage}_resumed")
-            out["skip"][stage] = _skip_and_step(rank, cache_p, stage)
+            out["skip"][stage] = _skip_and_step(rank, cache_p, stage, run, root_p / f"engine{stage}")
             lap(f"skip{stage}")
     out["runs"]["poisoned"] = _poisoned_run(rank, cache_p, root_p / "poisoned")
     lap("poisoned")
@@ -226,6 +379,9 @@ def deepspeed_checks(rank: int, world_size: int, root: str, cache: str) -> dict:
     except ValueError as e:
         out["errors"]["zero2_reshard"] = str(e)
     lap("errors")
+    if rank == 0:
+        out["globals"] = _pickled_globals([root_p / f"zero{stage}" for stage in (0, 1, 2)])
+    lap("globals")
     return out
 
 
@@ -240,7 +396,9 @@ def job(tmp_path_factory, cache):
     start = time.perf_counter()
     res = run_distributed("tests.parallel.test_deepspeed:deepspeed_checks", 2, root, timeout=240,
                           root=str(root), cache=str(cache))
-    print(f"2-rank DeepSpeed job: {time.perf_counter() - start:.1f} s; inside, per phase: {res[0]['seconds']}")
+    print(f"2-rank DeepSpeed job: {time.perf_counter() - start:.1f} s; inside, per phase: {res[0]['seconds']}; "
+          f"of skip0/skip2, forged checkpoints and failing saves: "
+          f"{[res[0]['skip'][s]['seconds_forged_and_faults'] for s in ('0', '2')]}")
     return res, root
 
 
@@ -333,6 +491,61 @@ def test_resume_from_a_deepspeed_checkpoint_is_bit_identical(results, stage):
     full, resumed = _job_losses(results, f"zero{stage}"), _job_losses(results, f"zero{stage}_resumed")
     assert sorted(resumed) == [1, 2, 3, 4]  # steps 1-2 kept from before the crash, 3-4 trained again
     assert resumed == full
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_forged_deepspeed_checkpoint_is_refused_and_runs_nothing(job, stage):
+    """A pickle that would create a file, planted in a DeepSpeed checkpoint with a manifest rewritten to match:
+    every rank refuses to resume, naming the file and the global, and nothing is unpickled. (The genuine
+    checkpoints resume through the same check: the bit-identical and re-sharding resume tests.)"""
+    results, root = job
+    for case, (name, container) in PLANTED[stage].items():
+        path = root / f"engine{stage}" / "forged" / case / "checkpoints" / "step_00000002" / name
+        seen = [res["skip"][str(stage)]["planted"][case] for res in results]
+        assert seen[0]["probe_ran"], case  # the payload is live: torch.load(weights_only=False) runs it
+        assert not any(s["ran"] for s in seen), case
+        error = seen[0]["error"]
+        assert all(s["error"] == error for s in seen)  # every rank refuses alike
+        why = ("it cannot be inspected without running it (" if container == "legacy" else
+               "it refers to the Python global io.open, which DeepSpeed's checkpoint files do not use")
+        assert error.startswith(f"{path} cannot be loaded safely: {why}"), error
+        assert "\n" not in error
+
+
+def test_a_failed_deepspeed_save_on_one_rank_keeps_the_previous_checkpoint(job):
+    """ENOSPC in DeepSpeed's writer on rank 1 (the other rank writes on, into DeepSpeed's final barrier), then
+    EACCES on rank 0's RNG file: the same one-line error on both ranks, the partial folder gone, ``latest`` and
+    step 2 intact and resumable, no rank left waiting (the job would time out)."""
+    results, root = job
+    ckpts = root / "engine0" / "faults" / "checkpoints"
+    faults = [res["skip"]["0"]["save_faults"] for res in results]
+    assert faults[0]["errors"] == faults[1]["errors"]
+    previous = f"; the previous checkpoint {ckpts / 'step_00000002'} is intact"
+    full, denied = faults[0]["errors"]["3"], faults[0]["errors"]["4"]
+    assert full.startswith(f"could not write checkpoint {ckpts / 'step_00000003'}: No space left on device "
+                           f"(ENOSPC, {ckpts / 'step_00000003'}/"), full
+    assert full.endswith(f" on rank 1{previous}") and "\n" not in full
+    assert denied == (f"could not write checkpoint {ckpts / 'step_00000004'}: Permission denied (EACCES, "
+                      f"{ckpts / 'step_00000004' / 'rng_rank00000.safetensors'}) on rank 0{previous}")
+    for f in faults:
+        assert f["listing"] == {"3": ["latest", "step_00000002"], "4": ["latest", "step_00000002"]}
+        assert f["latest"] == "step_00000002" and f["resumed_at"] == 2
+        assert f["writer_restored"] == "TorchCheckpointEngine"
+
+
+def test_the_pickle_allow_list_is_exactly_what_deepspeeds_files_hold(results):
+    """The globals outside torch's weights-only set in every file of the ZeRO 0/1/2 runs' checkpoints."""
+    from parallel.deepspeed import DEEPSPEED_PICKLE_GLOBALS
+
+    found = results[0]["globals"]
+    print(f"globals beyond torch's weights-only set, per file kind: {found}")
+    assert {"mp_rank_N_model_states.pt", "layer_N_expert_N_mp_rank_N_model_states.pt",
+            "expp_rank_N_mp_rank_N_optim_states.pt"} <= set(found["zero0"])
+    for run, kinds in found.items():
+        for kind, names in kinds.items():
+            zero_partition = run != "zero0" and kind == "zero_pp_rank_N_mp_rank_N_optim_states.pt"
+            assert names == (sorted(DEEPSPEED_PICKLE_GLOBALS) if zero_partition else []), (run, kind)
+        assert run == "zero0" or "zero_pp_rank_N_mp_rank_N_optim_states.pt" in kinds
 
 
 def test_two_ranks_equal_one_process_accumulating_their_micro_batches(results, cache, tmp_path):

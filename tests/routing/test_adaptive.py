@@ -10,17 +10,15 @@ from routing import ROUTERS, build_router
 from routing.adaptive import AdaptiveOptions, AdaptiveRouter
 from routing.losses import load_balancing_loss
 from routing.topk import TopKRouter
+from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 
 
 def logit_router(E, threshold, single_expert_weight="gshard", **kw):
     """A float64 router whose logits are its input (W = I), so tests can write the logits directly."""
-    router = AdaptiveRouter(hidden_size=E, num_experts=E, aux_loss_coef=kw.pop("aux_loss_coef", 0.0),
-                            options=AdaptiveOptions(threshold=threshold, single_expert_weight=single_expert_weight),
-                            **kw).double()
-    with torch.no_grad():
-        router.weight.copy_(torch.eye(E, dtype=torch.float64))
-    return router
+    return identity_gate(AdaptiveRouter(
+        hidden_size=E, num_experts=E, aux_loss_coef=kw.pop("aux_loss_coef", 0.0),
+        options=AdaptiveOptions(threshold=threshold, single_expert_weight=single_expert_weight), **kw).double())
 
 
 def per_token(r, T):
@@ -79,9 +77,8 @@ def test_threshold_above_one_is_top2_everywhere_and_equals_gshard_all(threshold)
     E, T = 6, 40
     z = torch.randn(T, E, dtype=torch.float64)
     r = logit_router(E, threshold)(z)
-    topk = TopKRouter(hidden_size=E, num_experts=E, top_k=2, renormalize=True, aux_loss_coef=0.0).double()
-    with torch.no_grad():
-        topk.weight.copy_(torch.eye(E, dtype=torch.float64))
+    topk = identity_gate(TopKRouter(hidden_size=E, num_experts=E, top_k=2, renormalize=True,
+                                    aux_loss_coef=0.0).double())
     ref = topk(z)
     assert torch.equal(r.token_index, ref.token_index) and torch.equal(r.expert_index, ref.expert_index)
     assert torch.equal(r.weight, ref.weight)

@@ -9,6 +9,7 @@ from moe.layer import MoELayer
 from moe.model import MoEModel
 from routing import ROUTERS, ExpertChoiceRouter, TopKRouter
 from routing.expert_choice import expert_choice_capacity, expert_choice_select
+from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 
 
@@ -88,9 +89,7 @@ def test_sequence_groups_take_capacity_per_sequence():
 def test_zero_expert_fraction_hand_example():
     # 4 tokens, 2 experts, C = round(0.5·4/2) = 1, W = I so z_t = x_t. Expert 0 takes token 0 (S = 0.95),
     # expert 1 takes token 1; tokens 2 and 3 get no expert.
-    router = make_router(E=2, D=2, capacity_factor=0.5)
-    with torch.no_grad():
-        router.weight.copy_(torch.eye(2))
+    router = identity_gate(make_router(E=2, D=2, capacity_factor=0.5))
     x = torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     r = router(x)
     assert r.token_index.tolist() == [0, 1] and r.expert_index.tolist() == [0, 1]

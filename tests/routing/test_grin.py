@@ -8,16 +8,14 @@ from moe.layer import MoELayer
 from routing import ROUTERS, build_router
 from routing.grin import GrinOptions, GrinRouter, sparsemixer_v2
 from routing.losses import load_balancing_loss
+from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 
 
 def logit_router(E, k=2, eps=0.01, **kw):
     """A float64 router whose logits are its input (W = I), so tests can write the logits directly."""
-    router = GrinRouter(hidden_size=E, num_experts=E, top_k=k, eps=eps, aux_loss_coef=kw.pop("aux_loss_coef", 0.0),
-                        **kw).double()
-    with torch.no_grad():
-        router.weight.copy_(torch.eye(E, dtype=torch.float64))
-    return router
+    return identity_gate(GrinRouter(hidden_size=E, num_experts=E, top_k=k, eps=eps,
+                                    aux_loss_coef=kw.pop("aux_loss_coef", 0.0), **kw).double())
 
 
 def masked_softmax_by_loop(z_row, available, eps):

@@ -9,16 +9,8 @@ from moe.config import MoEConfig, RouterConfig
 from routing import ROUTERS, build_router
 from routing.gshard import SECOND_POLICIES, GShardOptions, GShardRouter
 from routing.token_choice import token_choice_routing
+from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add overhead (and stall badly on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_router(E=5, D=8, aux_loss_coef=0.0, **kw):
@@ -29,10 +21,7 @@ def make_router(E=5, D=8, aux_loss_coef=0.0, **kw):
 
 def identity_router(E, **kw):
     """A router whose logits are its input (D = E, W = I)."""
-    router = make_router(E=E, D=E, **kw)
-    with torch.no_grad():
-        router.weight.copy_(torch.eye(E))
-    return router
+    return identity_gate(make_router(E=E, D=E, **kw))
 
 
 def slots(routing, T):

@@ -12,17 +12,9 @@ from routing.jitter import JITTERS, Jitter
 from routing.sigmoid import SigmoidRouter
 from routing.switch import SwitchRouter
 from routing.topk import TopKRouter
+from tests.routing.helpers import identity_gate
 
 NOISY = [kind for kind in JITTERS if kind != "none"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add overhead (and stall badly on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(name, jitter="none", eps=0.3, D=8, E=6):
@@ -102,10 +94,8 @@ def test_gumbel_argmax_samples_from_the_softmax_and_the_weights_stay_clean():
     # A top-1 softmax router whose logits are z for every token: the chosen expert must be distributed as
     # softmax(z), and the weight must be the clean probability of the chosen expert.
     z = torch.tensor([1.0, 0.0, -1.0, 0.5], dtype=torch.float64)
-    router = TopKRouter(hidden_size=4, num_experts=4, top_k=1, renormalize=False, aux_loss_coef=0.0,
-                        jitter="gumbel").double().train()
-    with torch.no_grad():
-        router.weight.copy_(torch.eye(4))
+    router = identity_gate(TopKRouter(hidden_size=4, num_experts=4, top_k=1, renormalize=False, aux_loss_coef=0.0,
+                                      jitter="gumbel").double().train())
     N = 200_000
     r = router(z.expand(N, 4))
     freq = torch.bincount(r.expert_index, minlength=4).double() / N

@@ -13,15 +13,6 @@ from routing.sigmoid import SigmoidOptions, SigmoidRouter, sequence_load_balanci
 from tests.routing.invariants import check_routing_invariants
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add overhead (and stall badly on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_router(E=8, D=12, k=2, dtype=torch.float64, **options):
     opts = {"seq_aux_loss_coef": 0.0, **options}
     kw = {key: opts.pop(key) for key in list(opts) if key in ("capacity_factor", "eval_capacity_factor",

@@ -10,16 +10,8 @@ from moe.layer import MoELayer
 from routing import ROUTERS, build_router
 from routing.switch import SwitchRouter
 from routing.topk import TopKRouter
+from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add overhead (and stall badly on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_router(E=4, D=8, **kw):
@@ -28,10 +20,7 @@ def make_router(E=4, D=8, **kw):
 
 def identity_router(E, **kw):
     """A router whose logits are its input (D = E, W = I)."""
-    router = make_router(E=E, D=E, **kw)
-    with torch.no_grad():
-        router.weight.copy_(torch.eye(E))
-    return router
+    return identity_gate(make_router(E=E, D=E, **kw))
 
 
 def switch_config(**moe_kw):
@@ -99,9 +88,8 @@ def test_load_balancing_loss_is_alpha_when_f_is_uniform():
     r = identity_router(3, aux_loss_coef=0.01)(p.log())
     assert r.tokens_per_expert.tolist() == [2, 2, 2]
     assert r.losses["load_balancing"].item() == pytest.approx(0.01, rel=1e-12)
-    topk = TopKRouter(hidden_size=3, num_experts=3, top_k=2, aux_loss_coef=0.01, lb_f_normalization="tokens").double()
-    with torch.no_grad():
-        topk.weight.copy_(torch.eye(3))
+    topk = identity_gate(TopKRouter(hidden_size=3, num_experts=3, top_k=2, aux_loss_coef=0.01,
+                                    lb_f_normalization="tokens").double())
     # top-2 sets {0,1}, {0,1}, {1,2}, {1,2}, {0,2}, {0,2}: every expert holds 4 of the 12 assignments.
     p2 = torch.tensor([[0.5, 0.4, 0.1], [0.4, 0.45, 0.15], [0.1, 0.6, 0.3], [0.2, 0.3, 0.5], [0.6, 0.1, 0.3],
                        [0.35, 0.05, 0.6]], dtype=torch.float64)

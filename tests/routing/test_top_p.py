@@ -9,6 +9,7 @@ from moe.config import MoEConfig, RouterConfig
 from routing import ROUTERS, build_router
 from routing.top_p import TopPOptions, TopPRouter, entropy_loss, top_p_indices
 from routing.topk import TopKRouter
+from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 
 
@@ -16,11 +17,8 @@ def logit_router(E, threshold, **kw):
     """A float64 router whose logits are its input (W = I), so tests can write the logits directly."""
     opts = {k: kw.pop(k) for k in ("boundary", "max_experts", "entropy_loss_coef") if k in kw}
     opts.setdefault("entropy_loss_coef", 0.0)
-    router = TopPRouter(hidden_size=E, num_experts=E, aux_loss_coef=kw.pop("aux_loss_coef", 0.0),
-                        options=TopPOptions(threshold=threshold, **opts), **kw).double()
-    with torch.no_grad():
-        router.weight.copy_(torch.eye(E, dtype=torch.float64))
-    return router
+    return identity_gate(TopPRouter(hidden_size=E, num_experts=E, aux_loss_coef=kw.pop("aux_loss_coef", 0.0),
+                                    options=TopPOptions(threshold=threshold, **opts), **kw).double())
 
 
 def count_by_loop(p_row, threshold, k_max):
@@ -83,9 +81,8 @@ def test_threshold_zero_is_top1_without_renormalization():
     E, T = 7, 30
     z = torch.randn(T, E, dtype=torch.float64)
     r = logit_router(E, 0.0)(z)
-    topk = TopKRouter(hidden_size=E, num_experts=E, top_k=1, renormalize=False, aux_loss_coef=0.0).double()
-    with torch.no_grad():
-        topk.weight.copy_(torch.eye(E, dtype=torch.float64))
+    topk = identity_gate(TopKRouter(hidden_size=E, num_experts=E, top_k=1, renormalize=False,
+                                    aux_loss_coef=0.0).double())
     ref = topk(z)
     assert torch.equal(r.expert_index, ref.expert_index) and torch.equal(r.token_index, ref.token_index)
     assert torch.equal(r.weight, ref.weight)

@@ -60,7 +60,7 @@ def test_bad_upcycle_input(tmp_path, dense_llama, capsys):
     assert "copy, neuron-split, drop, granular" in capsys.readouterr().err
     assert main(["upcycle", str(tmp_path), str(tmp_path / "o"), "--num-experts", "4", "--top-k", "2",
                  "--method", "copy"]) == 2
-    assert "not a model folder" in capsys.readouterr().err
+    assert "expected a model folder" in capsys.readouterr().err
 
 
 def test_upcycle_train_export_generate(tmp_path, dense_llama):
