@@ -449,6 +449,11 @@ class DeepSpeedEngine:
             layers, or a DeepSpeed JSON that conflicts with the recipe.
     """
 
+    # NOTE: with bf16 at ZeRO 0, DeepSpeed's optimizer wrapper takes one zero-gradient step inside
+    # deepspeed.initialize to create its states; this class default vetoes it (it would apply weight decay
+    # before training starts). __init__ sets the per-step decision to None once the engine exists.
+    _decision: bool | None = False
+
     def __init__(self, model: nn.Module, recipe: Recipe) -> None:
         t, p = recipe.train, recipe.parallel
         self.device = _world_and_device(recipe)
