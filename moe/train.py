@@ -109,10 +109,10 @@ def read_init(recipe: Recipe, init: Path) -> tuple[Recipe, dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: MoEModel, batches, device: torch.device, autocast) -> float:
+def evaluate(model: MoEModel, batches, device: torch.device, autocast, progress: bool = False) -> float:
     model.eval()
     total = 0.0
-    for x, y in batches:
+    for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
         with autocast:
             total += model(x.to(device), y.to(device)).loss.item()
     model.train()
@@ -127,11 +127,11 @@ def _shard_rows(n: int, rank: int, world: int) -> slice:
 
 
 @torch.no_grad()
-def _evaluate(engine: Engine, batches, device: torch.device, autocast) -> float:
+def _evaluate(engine: Engine, batches, device: torch.device, autocast, progress: bool = False) -> float:
     """``evaluate`` over all ranks: each takes its rows of every batch; the mean over batches of each batch's
     mean loss, as one process computes it. Batches with fewer rows than ranks are left out."""
     if engine.world_size == 1:
-        return evaluate(engine.model, batches, device, autocast)
+        return evaluate(engine.model, batches, device, autocast, progress)
     W, r = engine.world_size, engine.rank
     batches = [b for b in batches if len(b[0]) >= W]
     sums = torch.zeros(len(batches), 2, dtype=torch.float64)  # per batch: Σ loss·rows, rows
@@ -282,14 +282,14 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         writer.write(record)
         last = step + 1 == t.steps
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            val_loss = _evaluate(engine, val_batches, device, autocast)
+            val_loss = _evaluate(engine, val_batches, device, autocast, progress and main)
             writer.write({"step": step + 1, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
         if (t.save_every and (step + 1) % t.save_every == 0) or last:
             engine.save(ckpt_root, step + 1, t.keep_checkpoints)
     writer.close()
     if start >= t.steps:
         log.info("nothing to train: the checkpoint is already at step %d of %d", start, t.steps)
-        val_loss = _evaluate(engine, val_batches, device, autocast)
+        val_loss = _evaluate(engine, val_batches, device, autocast, progress and main)
     state = engine.model_state()  # collective: the experts come from every rank
     if main:
         save_file(state, str(out / "model.safetensors"))

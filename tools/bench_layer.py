@@ -169,7 +169,7 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="moe bench layer", description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--cases", nargs="*", help=f"case names (default: all): {', '.join(c.name for c in CASES)}")
