@@ -14,6 +14,7 @@ from moe.cli import main
 from moe.hf.export_hf import export_hf
 from moe.hf.import_hf import import_hf
 from tests.hf.helpers import make_run, tiny_config
+from tests.exploit import Exploit
 
 LLAMA = dict(model_type="llama", vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -93,21 +94,13 @@ def test_missing_tensor_is_named(tmp_path):
     assert "missing weight embed_tokens.weight (and " in _import_error(folder, tmp_path)
 
 
-class _Exploit:
-    """Unpickling this calls ``open(marker, "w")``: a file appearing means the pickle ran code."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.mark.parametrize("container", ["zip", "legacy_pickle"])
 def test_malicious_pickle_is_refused_and_runs_nothing(container, tmp_path):
     folder = _folder(tmp_path)
     marker = tmp_path / "pwned"
-    payload = {"model.norm.weight": torch.ones(8), "evil": _Exploit(str(marker))}
+    payload = {"model.norm.weight": torch.ones(8), "evil": Exploit(str(marker))}
     path = folder / "pytorch_model.bin"
     if container == "zip":
         torch.save(payload, path)

@@ -49,6 +49,7 @@ from safetensors.torch import load_file
 import moe.train  # noqa: F401
 import parallel.deepspeed  # noqa: F401
 from tests.parallel.launcher import REPO_ROOT, run_distributed
+from tests.exploit import Exploit
 
 SMALL = ["model.vocab_size=320", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
          "model.num_kv_heads=1", "model.moe.num_experts=4", "model.moe.expert_hidden_size=16",
@@ -152,14 +153,6 @@ def _skip_and_step(rank: int, cache: Path, stage: int, run: Path, work: Path) ->
     return out
 
 
-class _Exploit:
-    """Unpickling this calls ``open(marker, "w")``: a file appearing means the pickle ran code."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _plant(path: Path, marker: Path, container: str) -> None:
@@ -168,7 +161,7 @@ def _plant(path: Path, marker: Path, container: str) -> None:
     not vouch for the rest), or as a plain pickle (``legacy``, which ``torch.load`` reads too)."""
     import torch
 
-    payload: dict = {"module": {"w": torch.zeros(2)}, "exploit": _Exploit(str(marker))}
+    payload: dict = {"module": {"w": torch.zeros(2)}, "exploit": Exploit(str(marker))}
     if container == "zip_with_deepspeed_classes":
         from deepspeed.runtime.fp16.loss_scaler import LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -21,16 +21,9 @@ import torch
 
 from parallel.deepspeed import DEEPSPEED_PICKLE_GLOBALS, check_pickled_files, load_config
 from tests.reliability.common import RECIPE
+from tests.exploit import Exploit
 
 
-class _Exploit:
-    """Unpickling this calls ``open(marker, "w")``: a file appearing means the pickle ran code."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _deepspeed_like() -> dict:
@@ -55,7 +48,7 @@ def test_deepspeeds_own_classes_pass(tmp_path):
 
 
 def _write(path: Path, container: str, marker: Path) -> None:
-    payload = {**_deepspeed_like(), "exploit": _Exploit(str(marker))}
+    payload = {**_deepspeed_like(), "exploit": Exploit(str(marker))}
     path.parent.mkdir(parents=True, exist_ok=True)
     if container == "legacy_pickle":
         with open(path, "wb") as f:

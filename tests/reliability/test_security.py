@@ -23,20 +23,13 @@ import torch
 from moe.checkpoint import write_manifest
 from moe.cli import main
 from tests.reliability.common import RECIPE, ROOT, moe_command, small, subprocess_env
+from tests.exploit import Exploit
 
 
-class _Exploit:
-    """Unpickling this calls ``open(marker, "w")``: a file appearing means the pickle ran code."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _plant(path: Path, marker: Path, container: str) -> None:
-    payload = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": _Exploit(str(marker))}}, "param_groups": []}
+    payload = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": Exploit(str(marker))}}, "param_groups": []}
     if container == "zip":
         torch.save(payload, path)
     else:
