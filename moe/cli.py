@@ -133,18 +133,21 @@ def _add_model_io_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from tools.bench_layer import main as bench_layer
-
-    return bench_layer(args.bench_args)
+    if args.what == "layer":
+        from tools.bench_layer import main as bench
+    else:
+        from tools.bench_train import main as bench
+    return bench(args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description="Mixture-of-Experts training system")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("bench", help="benchmarks: `moe bench layer [--json FILE] [--quick] [--cases ...]`",
+    p = sub.add_parser("bench", help="benchmarks: `moe bench layer [--json FILE] [--quick]`, `moe bench train`",
                        add_help=False)
-    p.add_argument("what", choices=["layer"], help="layer: one MoE layer, forward + backward, against peers")
+    p.add_argument("what", choices=["layer", "train"],
+                   help="layer: one MoE layer, forward + backward, against peers; train: tokens/s and MFU per EP size")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of tools/bench_layer.py")
     p.set_defaults(func=_bench)
     p = sub.add_parser("train", help="train a model from a YAML recipe")

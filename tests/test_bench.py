@@ -1,0 +1,36 @@
+"""The benchmark tools run and write their JSON (timings themselves are not tested)."""
+
+import json
+
+from moe.cli import main
+
+SMALL = ["model.vocab_size=320", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+         "model.num_kv_heads=1", "model.moe.num_experts=4", "model.moe.expert_hidden_size=16",
+         "data.max_chars=60000", "train.micro_batch_size=2", "train.seq_len=16"]
+
+
+def test_bench_train_reports_tokens_per_second(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--recipes", "recipes/tiny.yaml", "--ep", "1", "--steps", "3",
+                 "--peak-tflops", "1", "--json", str(out), *SMALL, f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["expert_parallel_size"] == 1 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
+
+
+def test_bench_layer_quick_case_records_every_implementation(tmp_path, monkeypatch):
+    import tools.bench_layer as bench
+
+    monkeypatch.setattr(bench, "CASES", [bench.Case("tiny", 64, 32, 4, 2, 16)])
+    monkeypatch.setattr(bench, "QUICK", ["tiny"])
+
+    def no_deepspeed(*args):  # it would initialise torch.distributed inside the test process
+        raise RuntimeError("not in tests")
+
+    monkeypatch.setattr(bench, "deepspeed_moe", no_deepspeed)
+    out = tmp_path / "layer.json"
+    assert main(["bench", "layer", "--quick", "--repeats", "1", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    impls = {r["impl"] for r in records}
+    assert {"dense-swiglu", "ours-reference", "ours-torch", "ours-auto", "hf-mixtral-eager"} <= impls
+    assert all(r["ratio_vs_dense"] > 0 for r in records if r["impl"].startswith("ours"))
+    assert [r["error"] for r in records if r["impl"] == "deepspeed-moe"] == ["RuntimeError: not in tests"]
