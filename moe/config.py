@@ -10,14 +10,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from moe.config_io import apply_overrides, from_dict, load_yaml, to_dict
+from moe.config_io import apply_overrides, from_dict, load_yaml, require as _require, to_dict
 
 EXPERT_BACKENDS = ("auto", "reference", "torch", "triton", "megablocks")
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
 
 
 @dataclass(kw_only=True)

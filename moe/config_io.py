@@ -29,6 +29,12 @@ _Loader.add_implicit_resolver(
 )
 
 
+def require(cond: bool, message: str) -> None:
+    """Config validation: ``ValueError(message)`` unless ``cond`` (never ``assert``: it vanishes under -O)."""
+    if not cond:
+        raise ValueError(message)
+
+
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from moe.config_io import apply_overrides, from_dict, to_dict
+from moe.config_io import apply_overrides, from_dict, require as _require, to_dict
 
 UPCYCLE_METHODS = ("copy", "neuron-split", "drop", "granular")
 
@@ -21,11 +21,6 @@ UPCYCLE_METHODS = ("copy", "neuron-split", "drop", "granular")
 # ``torch_rand_002``). The std is ``moe.router.init_std`` (0.02 by default).
 RouterInit = Literal["normal", "zero", "uniform"]
 ROUTER_INITS = ("normal", "zero", "uniform")
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
 
 
 @dataclass(kw_only=True)
