@@ -66,3 +66,22 @@ def scatter_combine(y_AD: torch.Tensor, rows_A: torch.Tensor, weight_A: torch.Te
     out_TD = torch.zeros(num_tokens, D, dtype=acc, device=y_AD.device)
     out_TD.index_add_(0, rows_A, y_AD.to(acc) * weight_A.to(acc).unsqueeze(1))
     return out_TD.to(y_AD.dtype)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, y, scale):  # type: ignore[override]
+        ctx.save_for_backward(scale)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
+
+
+def scale_grad(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``y`` unchanged, with its gradient multiplied by ``scale`` (broadcast to ``y``'s shape)."""
+    return _ScaleGrad.apply(y, scale)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from moe.config_io import apply_overrides, from_dict, load_yaml, require as _require, to_dict
 
-EXPERT_BACKENDS = ("auto", "reference", "torch", "triton", "megablocks")
+EXPERT_BACKENDS = ("auto", "reference", "torch", "triton", "megablocks", "tiled")
 
 
 @dataclass(kw_only=True)

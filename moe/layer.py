@@ -28,20 +28,6 @@ def run_local_experts(experts: Experts, x_TD: torch.Tensor, rows_A: torch.Tensor
     return experts(x_TD, rows_A, counts_E)
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by ``scale`` (``Routing.expert_grad_scale``)."""
-
-    @staticmethod
-    def forward(ctx, y_AD, scale_A1):  # type: ignore[override]
-        ctx.save_for_backward(scale_A1)
-        return y_AD.view_as(y_AD)
-
-    @staticmethod
-    def backward(ctx, grad_AD):  # type: ignore[override]
-        (scale_A1,) = ctx.saved_tensors
-        return grad_AD * scale_A1.to(grad_AD.dtype), None
-
-
 class MoELayer(nn.Module):
     """Routed SwiGLU experts, plus optional always-on shared experts.
 
@@ -77,14 +63,19 @@ class MoELayer(nn.Module):
             rows_A = routing.token_index.index_select(0, order_A)
         weight_A = routing.weight.index_select(0, order_A)
 
-        # 3. Experts: two grouped GEMMs, the row gather fused into the first where the backend can; under
-        #    expert parallelism the dispatcher moves the rows to the experts' ranks and the outputs back.
-        y_AD = self.dispatcher(self.experts, x_TD, rows_A, routing.tokens_per_expert)
+        # 3+4. Experts and combine: out[token] += weight · expert(x[token]), accumulated in fp32. On one device
+        #    the backend runs them as one block (on a CPU the tiled kernel fuses gather, GEMMs and scatter);
+        #    under expert parallelism the dispatcher moves the rows to the experts' ranks and the outputs back.
+        grad_scale_A = None
         if routing.expert_grad_scale is not None:
-            y_AD = _ScaleGrad.apply(y_AD, routing.expert_grad_scale.index_select(0, order_A).unsqueeze(1))
-
-        # 4. Combine: out[token] += weight · y, accumulated in fp32.
-        out_TD = kernels.scatter_combine(y_AD, rows_A, weight_A, B * S)
+            grad_scale_A = routing.expert_grad_scale.index_select(0, order_A)
+        if self.dispatcher is run_local_experts:
+            out_TD = self.experts.forward_combine(x_TD, rows_A, weight_A, routing.tokens_per_expert, grad_scale_A)
+        else:
+            y_AD = self.dispatcher(self.experts, x_TD, rows_A, routing.tokens_per_expert)
+            if grad_scale_A is not None:
+                y_AD = kernels.scale_grad(y_AD, grad_scale_A.unsqueeze(1))
+            out_TD = kernels.scatter_combine(y_AD, rows_A, weight_A, B * S)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

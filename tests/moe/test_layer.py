@@ -43,10 +43,11 @@ def grads(layer, x, out, g):
     return torch.autograd.grad(out, params, g, allow_unused=True)
 
 
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 13), (3, 7)])
-def test_layer_equals_naive_loop_output_and_every_gradient(renormalize, shape):
-    layer = make_layer(renormalize=renormalize, num_shared_experts=1, backend="reference")
+def test_layer_equals_naive_loop_output_and_every_gradient(renormalize, shape, backend):
+    layer = make_layer(renormalize=renormalize, num_shared_experts=1, backend=backend)
     x = torch.randn(*shape, 20, dtype=torch.float64, requires_grad=True)
     out, routing = layer(x)
     want = naive_forward(layer, x)
@@ -58,7 +59,7 @@ def test_layer_equals_naive_loop_output_and_every_gradient(renormalize, shape):
             assert torch.allclose(got, exp, atol=1e-12), p
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "tiled"])
 def test_backends_give_the_reference_layer(backend):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.fail("the Triton backend must be tested: tests/conftest.py sets TRITON_INTERPRET=1 on CPU")
@@ -149,3 +150,6 @@ def test_layer_in_bf16_matches_fp32_within_tolerance():
     assert out16.dtype == torch.bfloat16 and r16.weight.dtype == torch.float32
     assert torch.allclose(out16.float(), out32, atol=2e-2, rtol=5e-2)
     assert kernels.resolve_backend("auto", x.to(torch.bfloat16), layer16.experts.w_gate_up_ED2F) == "torch"
+    # The whole expert block runs tiled on a CPU; a lone grouped GEMM asked of "tiled" runs on auto's choice.
+    assert kernels.resolve_block_backend("auto", x, layer32.experts.w_gate_up_ED2F) == "tiled"
+    assert kernels.resolve_backend("tiled", x, layer32.experts.w_gate_up_ED2F) == "torch"
