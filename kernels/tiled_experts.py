@@ -86,11 +86,11 @@ def _split(tiles: list[Tile], workers: int) -> list[list[Tile]]:
     return groups if len(groups) > 1 and largest <= MAX_WORKER_SHARE * total else [tiles]
 
 
-def _run(groups: list[list[Tile]], work: Callable[[list[Tile], bool], None]) -> None:
-    """``work(group, own_buffers)`` for every group: inline for one, else one group per pool thread. Each
-    pool thread runs its ops single-threaded; the caller's thread count is untouched."""
+def _run(groups: list[list[Tile]], work: Callable[[int, list[Tile]], None]) -> None:
+    """``work(i, groups[i])`` for every group: inline for one, else one group per pool thread. Each pool
+    thread runs its ops single-threaded; the caller's thread count is untouched."""
     if len(groups) == 1:
-        work(groups[0], False)
+        work(0, groups[0])
         return
     pid, pool = _pools.get(len(groups), (None, None))
     if pool is None or pid != os.getpid():
@@ -99,11 +99,11 @@ def _run(groups: list[list[Tile]], work: Callable[[list[Tile], bool], None]) -> 
         _pools[len(groups)] = (os.getpid(), pool)
     grad_mode = torch.is_grad_enabled()
 
-    def job(group: list[Tile]) -> None:
+    def job(i: int) -> None:
         with torch.set_grad_enabled(grad_mode):
-            work(group, True)
+            work(i, groups[i])
 
-    for future in [pool.submit(job, g) for g in groups]:
+    for future in [pool.submit(job, i) for i in range(len(groups))]:
         future.result()
 
 
@@ -117,10 +117,11 @@ class _TiledExperts(torch.autograd.Function):
         h_A2F = x_TD.new_empty(rows_A.shape[0], F2) if keep else None
         weight_A1 = weight_A.to(x_TD.dtype).unsqueeze(1)
         groups = _split(_tiles(counts, tile_rows), workers)
-        outs = [torch.zeros(T, D, dtype=acc, device=x_TD.device) for _ in groups]
+        outs: list[torch.Tensor] = [None] * len(groups)  # type: ignore[list-item]
 
-        def work(group: list[Tile], _: bool) -> None:
-            out_TD = outs[groups.index(group)]
+        def work(i: int, group: list[Tile]) -> None:
+            # Each worker zeroes its own output buffer: the zeroing runs in parallel too.
+            out_TD = outs[i] = torch.zeros(T, D, dtype=acc, device=x_TD.device)
             for e, s, t in group:
                 r = rows_A[s:t]
                 h = torch.mm(x_TD.index_select(0, r), w_gate_up_ED2F[e], out=h_A2F[s:t] if keep else None)
@@ -142,7 +143,7 @@ class _TiledExperts(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)
         g_out_TD = g_out_TD.to(dtype)
         F_ = w_down_EFD.shape[1]
-        g_xs = [torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device) for _ in groups] if need_x else None
+        g_xs: list[torch.Tensor] = [None] * len(groups)  # type: ignore[list-item]
         # Expert-weight gradients: the first tile of an expert writes its slice, later tiles add to it, and
         # experts without rows are zeroed (no full zero-fill of E weight matrices first).
         g_gu = torch.empty_like(w_gate_up_ED2F) if need_gu else None
@@ -154,8 +155,9 @@ class _TiledExperts(torch.autograd.Function):
         if grad_scale_A is not None:
             coef_A1 = coef_A1 * grad_scale_A.to(dtype).unsqueeze(1)
 
-        def work(group: list[Tile], _: bool) -> None:
-            g_x_TD = g_xs[groups.index(group)] if need_x else None
+        def work(i: int, group: list[Tile]) -> None:
+            if need_x:
+                g_x_TD = g_xs[i] = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
             previous = None
             for e, s, t in group:
                 first, previous = e != previous, e

@@ -143,8 +143,15 @@ def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     """(T, k) indices of the k largest scores per row, ties broken towards the lower expert index.
 
     A stable descending sort gives the tie-break that ``torch.topk`` does not promise (ROUTERS.md §0.1);
-    ``-inf`` scores sort last.
+    ``-inf`` scores sort last. Fast path: ``torch.topk`` of k+1 scores, whose answer is the sort's whenever
+    none of those k+1 values repeats (the usual case for continuous scores); rows are sorted only if one
+    does (with E=64 the full sort took 5 ms of a 300 ms layer step on the development CPU).
     """
+    E = scores_TE.shape[-1]
+    if k < E:
+        values, indices = torch.topk(scores_TE, k + 1, dim=-1, sorted=True)
+        if not bool((values[:, 1:] == values[:, :-1]).any()) and not bool(values.isnan().any()):
+            return indices[:, :k]
     return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, :k]
 
 

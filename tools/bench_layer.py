@@ -5,8 +5,15 @@
 Per case it times, in the same run: our MoE layer with each available expert backend (router, permutation
 and combine included), a dense SwiGLU with the same active FLOPs (intermediate k·F: the speed limit),
 `transformers`' Mixtral sparse-MoE block with its `eager` and `grouped_mm` experts, and DeepSpeed's MoE
-layer (top-k gate; dropless where it allows). Medians of ``--repeats`` runs after two warm-up runs.
-fp32 on a CPU, bf16 on a GPU. Prints a table and writes one JSON record per (case, implementation).
+layer (top-k gate; dropless where it allows). fp32 on a CPU, bf16 on a GPU.
+
+Timing: after two warm-up runs of each, the implementations run in interleaved rounds (one run of each per
+round, ``--repeats`` rounds), so drift in the machine's speed hits all of them alike. ``median_ms`` is the
+median over rounds; ``ratio_vs_dense`` the median over rounds of (this run / the dense run of the same
+round). Memory: ``saved_mb`` is the activation memory autograd keeps from forward to backward (unique
+storages saved for backward, not counting the parameters and the layer input); on a GPU ``peak_mb`` is the
+peak allocated during forward + backward above what was allocated before.
+Prints a table and writes one JSON record per (case, implementation).
 """
 
 from __future__ import annotations
@@ -57,19 +64,56 @@ def machine() -> dict:
     return info
 
 
-def time_fn(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Median wall time in ms of ``fn`` after two warm-up calls."""
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_rounds(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[list[float]]:
+    """Wall times in ms: ``repeats`` interleaved rounds of every ``fn`` (after two warm-up calls of each);
+    ``times[i][r]`` is fn i in round r. A fn that raised gets an empty list."""
+    times: list[list[float]] = [[] for _ in fns]
+    alive = [True] * len(fns)
+    for r in range(repeats + 2):
+        for i, fn in enumerate(fns):
+            if not alive[i]:
+                continue
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                fn()
+            except Exception:  # it ran once already (``memory_of``); a later failure drops it
+                alive[i], times[i] = False, []
+                continue
+            _sync(device)
+            if r >= 2:
+                times[i].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def memory_of(fn: Callable[[], None], module: torch.nn.Module, x: torch.Tensor, device: torch.device) -> dict:
+    """``saved_mb``: unique storages autograd saves during one forward + backward, less the parameters' and
+    the input's; on a GPU also ``peak_mb``. Raises what ``fn`` raises."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    out = {"saved_mb": round(sum(saved.values()) / 2**20, 2)}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        out["peak_mb"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 2)
+    return out
 
 
 def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor, call: Callable) -> Callable[[], None]:
@@ -147,24 +191,36 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
     impls.append(("hf-mixtral-grouped_mm", lambda: hf_mixtral(case, "grouped_mm", device, dtype), lambda m, x: m(x)))
     impls.append(("deepspeed-moe", lambda: deepspeed_moe(case, device, dtype), _ds_call))
 
-    records, dense_ms = [], None
+    records, runs = [], []
     for name, build, call in impls:
         record = {"case": case.name, "impl": name, "tokens": case.tokens, "hidden": case.hidden,
                   "experts": case.experts, "top_k": case.top_k, "expert_hidden": case.expert_hidden,
                   "dtype": str(dtype).removeprefix("torch.")}
-        try:
+        try:  # a peer that cannot run here is reported, not fatal
             module = build()
-            ms = time_fn(_fwd_bwd(module, x, call), repeats, device)
-            record["median_ms"] = round(ms, 3)
-            if name == "dense-swiglu":
-                dense_ms = ms
-            record["ratio_vs_dense"] = round(ms / dense_ms, 3) if dense_ms else None
-        except Exception as e:  # a peer that cannot run here is reported, not fatal
+            run = _fwd_bwd(module, x, call)
+            record.update(memory_of(run, module, x, device))
+            runs.append(run)
+        except Exception as e:
             record["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            runs.append(None)
         records.append(record)
-        print(f"{case.name:26s} {name:24s} "
-              + (f"{record['median_ms']:9.1f} ms  {record['ratio_vs_dense']:.2f}x" if "median_ms" in record
-                 else f"error: {record['error']}"), flush=True)
+    live = [i for i, run in enumerate(runs) if run is not None]
+    times = time_rounds([runs[i] for i in live], repeats, device)
+    dense = times[live.index(0)] if 0 in live else []
+    for i, samples in zip(live, times):
+        record = records[i]
+        if not samples:
+            record["error"] = "failed while being timed"
+            continue
+        record["median_ms"] = round(statistics.median(samples), 3)
+        record["samples_ms"] = [round(t, 3) for t in samples]
+        if dense:
+            record["ratio_vs_dense"] = round(statistics.median(t / d for t, d in zip(samples, dense)), 3)
+    for record in records:
+        print(f"{case.name:26s} {record['impl']:24s} "
+              + (f"{record['median_ms']:9.1f} ms  {record['ratio_vs_dense']:.2f}x  saved {record['saved_mb']:8.1f} MB"
+                 if "median_ms" in record else f"error: {record['error']}"), flush=True)
     return records
 
 
@@ -173,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--cases", nargs="*", help=f"case names (default: all): {', '.join(c.name for c in CASES)}")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (default 7)")
     args = parser.parse_args(argv)
     names = QUICK if args.quick else args.cases or [c.name for c in CASES]
     unknown = sorted(set(names) - {c.name for c in CASES})

@@ -173,3 +173,20 @@ def test_dropped_fraction_is_reported():
     assert r.token_index.tolist() == [0, 1]
     assert r.stats["dropped_fraction"].item() == pytest.approx(6 / 8)
     assert r.tokens_per_expert.tolist() == [2, 0, 0, 0]
+
+
+def test_topk_indices_fast_path_equals_the_stable_sort():
+    """``topk_indices`` takes ``torch.topk`` when the k+1 best scores do not repeat; its answer must be the
+    stable descending sort's in every case: distinct scores, ties (towards the lower index), -inf, NaN."""
+    from routing.token_choice import topk_indices
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(50, 64, generator=g), torch.randint(0, 3, (50, 8), generator=g).float()]
+    masked = torch.randn(50, 16, generator=g)
+    masked[:, 5:] = float("-inf")  # group-limited routing masks most experts
+    nan = torch.randn(4, 6, generator=g)
+    nan[1, 2] = float("nan")
+    for scores in cases + [masked, nan]:
+        for k in (1, 2, 5, scores.shape[1]):
+            want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+            assert torch.equal(topk_indices(scores, k), want), (scores.shape, k)
