@@ -10,6 +10,12 @@ import kernels
 from kernels import tiled_experts
 
 
+@pytest.fixture(autouse=True)
+def workers_on_small_tiles(monkeypatch):
+    """The tests' tiles are far below ``MIN_TILE_MACS``; let the worker threads split them anyway."""
+    monkeypatch.setattr(tiled_experts, "MIN_TILE_MACS", 0)
+
+
 def _routing(T, E, k, dtype, seed=0, empty=()):
     """Top-k routing of T tokens with random weights; experts in ``empty`` get no rows."""
     g = torch.Generator().manual_seed(seed)
@@ -130,6 +136,13 @@ def test_split_gives_contiguous_whole_experts_or_one_group():
     # One expert holding almost every row: no split (the other worker would idle while this one ran 1 thread).
     assert len(tiled_experts._split(tiled_experts._tiles([100, 1], 8), 2)) == 1
     assert tiled_experts._split([], 2) == [[]]
+
+
+def test_small_tiles_stay_on_one_thread(monkeypatch):
+    monkeypatch.setattr(tiled_experts, "MIN_TILE_MACS", 80_000_000)
+    tiles = tiled_experts._tiles([512] * 8, 2048)
+    assert len(tiled_experts._split(tiles, 2, macs_per_row=128 * 3 * 256)) == 1  # D=128, F=256: 50 M per tile
+    assert len(tiled_experts._split(tiles, 2, macs_per_row=512 * 3 * 128)) == 2  # D=512, F=128: 100 M
 
 
 def test_mismatched_counts_are_a_clear_error():
