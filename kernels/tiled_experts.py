@@ -215,33 +215,15 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
         dst.addmm_(a, b)
 
 
-def experts_combine(
-    x_TD: torch.Tensor,
-    rows_A: torch.Tensor,
-    weight_A: torch.Tensor,
-    counts_E: torch.Tensor,
-    w_gate_up_ED2F: torch.Tensor,
-    w_down_EFD: torch.Tensor,
-    grad_scale_A: torch.Tensor | None = None,
-    tile_rows: int = TILE_ROWS,
-    workers: int | None = None,
-) -> torch.Tensor:
-    """``out[rows_A[a]] += weight_A[a] · SwiGLU-expert_e(x_TD[rows_A[a]])`` over all assignments.
+def experts_combine(x_TD: torch.Tensor, rows_A: torch.Tensor, weight_A: torch.Tensor, counts_E: torch.Tensor,
+                    w_gate_up_ED2F: torch.Tensor, w_down_EFD: torch.Tensor, grad_scale_A: torch.Tensor | None = None,
+                    tile_rows: int = TILE_ROWS, workers: int | None = None) -> torch.Tensor:
+    """``kernels.experts_combine`` (same arguments and result) by row tiles.
 
     Args:
-        x_TD: (T, D) token activations.
-        rows_A: (A,) int64 token of each assignment, grouped by expert.
-        weight_A: (A,) combine weights in the same order.
-        counts_E: (E,) assignments per expert, summing to A.
-        w_gate_up_ED2F: (E, D, 2F) gate projection in the first F columns, up in the last F.
-        w_down_EFD: (E, F, D).
-        grad_scale_A: (A,) or None: multiplies the gradient reaching the experts and ``x_TD`` through each
-            assignment, not the gradient of its weight (``Routing.expert_grad_scale``).
-        tile_rows: rows per tile.
+        tile_rows: the most rows of one expert in one tile.
         workers: threads that split the experts between them (default: ``torch.get_num_threads()``); 1 runs
             every tile on the calling thread.
-    Returns:
-        (T, D) in the dtype of ``x_TD``, accumulated in fp32; tokens with no assignment are zero.
     """
     counts = counts_E.tolist()
     if sum(counts) != rows_A.shape[0]:
