@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 # Rows per tile. Measured on the 2-core development CPU (docs/benchmarks.md): whole experts of up to 2,048
@@ -103,10 +104,8 @@ def _run(groups: list[list[Tile]], work: Callable[[int, list[Tile]], None]) -> N
         pool = ThreadPoolExecutor(len(groups), thread_name_prefix="moe-tiled", initializer=torch.set_num_threads,
                                   initargs=(1,))
         _pools[len(groups)] = (os.getpid(), pool)
-    grad_mode = torch.is_grad_enabled()
-
     def job(i: int) -> None:
-        with torch.set_grad_enabled(grad_mode):
+        with torch.no_grad():  # grad mode is per thread; the autograd function's own passes record nothing
             work(i, groups[i])
 
     for future in [pool.submit(job, i) for i in range(len(groups))]:
@@ -141,6 +140,7 @@ class _TiledExperts(torch.autograd.Function):
         return _sum(outs).to(x_TD.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_out_TD):  # type: ignore[override]
         x_TD, w_gate_up_ED2F, w_down_EFD, weight_A, rows_A, h_A2F, grad_scale_A = ctx.saved_tensors
         need_x, need_gu, need_dn, need_w = ctx.needs_input_grad[:4]

@@ -171,3 +171,13 @@ def test_worker_pool_survives_fork():
         child.kill()
     assert not alive, "the forked child hung on the inherited worker pool"
     assert child.exitcode == 0 and isinstance(queue.get(timeout=5), float)
+
+
+def test_double_backward_is_refused_not_wrong():
+    x, w_gu, w_dn = _inputs(16, 8, 2, 4, torch.float64)
+    rows, weight, counts = _routing(16, 2, 1, torch.float64)
+    x.requires_grad_(True)
+    out = tiled_experts.experts_combine(x, rows, weight, counts, w_gu, w_dn)
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable twice|once_differentiable"):
+        g.sum().backward()
