@@ -8,7 +8,7 @@ and combine included), a dense SwiGLU with the same active FLOPs (intermediate k
 layer (top-k gate; dropless where it allows). fp32 on a CPU, bf16 on a GPU.
 
 Timing: after two warm-up runs of each, the implementations run in interleaved rounds (one run of each per
-round, ``--repeats`` rounds), so drift in the machine's speed hits all of them alike. ``median_ms`` is the
+round, ``--repeats`` rounds, the order rotated by one each round), so drift in the machine's speed hits all of them alike. ``median_ms`` is the
 median over rounds; ``ratio_vs_dense`` the median over rounds of (this run / the dense run of the same
 round). Memory: ``saved_mb`` is the activation memory autograd keeps from forward to backward (unique
 storages saved for backward, not counting the parameters and the layer input); on a GPU ``peak_mb`` is the
@@ -70,12 +70,14 @@ def _sync(device: torch.device) -> None:
 
 
 def time_rounds(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[list[float]]:
-    """Wall times in ms: ``repeats`` interleaved rounds of every ``fn`` (after two warm-up calls of each);
-    ``times[i][r]`` is fn i in round r. A fn that raised gets an empty list."""
+    """Wall times in ms: ``repeats`` interleaved rounds of every ``fn`` (after two warm-up calls of each), the
+    order rotated by one each round; ``times[i][r]`` is fn i in round r. A fn that raised gets an empty list."""
     times: list[list[float]] = [[] for _ in fns]
     alive = [True] * len(fns)
     for r in range(repeats + 2):
-        for i, fn in enumerate(fns):
+        # Each round starts one implementation later, so none always runs right after the same neighbour.
+        for i in [(j + r) % len(fns) for j in range(len(fns))]:
+            fn = fns[i]
             if not alive[i]:
                 continue
             _sync(device)
