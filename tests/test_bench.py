@@ -27,9 +27,12 @@ def test_bench_layer_quick_case_records_every_implementation(tmp_path, monkeypat
         raise RuntimeError("not in tests")
 
     monkeypatch.setattr(bench, "deepspeed_moe", no_deepspeed)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1048576")  # allocator settings change timings: the JSON says them
     out = tmp_path / "layer.json"
     assert main(["bench", "layer", "--quick", "--repeats", "1", "--json", str(out)]) == 0
-    records = json.loads(out.read_text())["records"]
+    result = json.loads(out.read_text())
+    assert result["machine"]["env"]["MALLOC_TOP_PAD_"] == "1048576"
+    records = result["records"]
     impls = {r["impl"] for r in records}
     assert {"dense-swiglu", "ours-reference", "ours-torch", "ours-auto", "hf-mixtral-eager"} <= impls
     assert all(r["ratio_vs_dense"] > 0 for r in records if r["impl"].startswith("ours"))

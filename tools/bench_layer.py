@@ -59,6 +59,10 @@ QUICK = ["T4096-D512-E8k2-F1024"]
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    # Allocator and threading settings change CPU timings by tens of percent (docs/benchmarks.md).
+    env = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_"))}
+    if env:
+        info["env"] = env
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
