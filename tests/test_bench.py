@@ -37,3 +37,24 @@ def test_bench_layer_quick_case_records_every_implementation(tmp_path, monkeypat
     assert {"dense-swiglu", "ours-reference", "ours-torch", "ours-auto", "hf-mixtral-eager"} <= impls
     assert all(r["ratio_vs_dense"] > 0 for r in records if r["impl"].startswith("ours"))
     assert [r["error"] for r in records if r["impl"] == "deepspeed-moe"] == ["RuntimeError: not in tests"]
+
+
+def test_bench_layer_times_only_the_named_implementations(tmp_path, monkeypatch, capsys):
+    import tools.bench_layer as bench
+
+    monkeypatch.setattr(bench, "CASES", [bench.Case("tiny", 64, 32, 4, 2, 16)])
+    out = tmp_path / "layer.json"
+    assert main(["bench", "layer", "--impls", "ours-tiled", "--repeats", "1", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["impl"] == "ours-tiled" and record["median_ms"] > 0 and "ratio_vs_dense" not in record
+    assert "tiny" in capsys.readouterr().out
+
+
+def test_bench_layer_unknown_implementation_is_a_one_line_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "layer", "--impls", "megablocks-dmoe"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown implementation megablocks-dmoe; valid: dense-swiglu" in err and "Traceback" not in err

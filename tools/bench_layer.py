@@ -1,6 +1,6 @@
 """Benchmark one MoE layer, forward + backward, against the FLOP-matched dense SwiGLU and peer implementations.
 
-    .venv/bin/python -m tools.bench_layer [--json FILE] [--quick] [--cases NAME ...] [--repeats N]
+    .venv/bin/python -m tools.bench_layer [--json FILE] [--quick] [--cases NAME ...] [--impls NAME ...] [--repeats N]
 
 Per case it times, in the same run: our MoE layer with each available expert backend (router, permutation
 and combine included), a dense SwiGLU with the same active FLOPs (intermediate k·F: the speed limit),
@@ -179,7 +179,14 @@ def _ds_call(layer, x):
     return out + aux
 
 
-def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def impl_names() -> list[str]:
+    """Every implementation the tool knows, in table order (those that cannot run here are reported)."""
+    return (["dense-swiglu"] + [f"ours-{b}" for b in kernels.BACKENDS]
+            + ["ours-auto", "hf-mixtral-eager", "hf-mixtral-grouped_mm", "deepspeed-moe"])
+
+
+def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtype,
+               only: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(1, case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
     impls: list[tuple[str, Callable[[], torch.nn.Module], Callable]] = [
@@ -196,6 +203,8 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
     impls.append(("hf-mixtral-eager", lambda: hf_mixtral(case, "eager", device, dtype), lambda m, x: m(x)))
     impls.append(("hf-mixtral-grouped_mm", lambda: hf_mixtral(case, "grouped_mm", device, dtype), lambda m, x: m(x)))
     impls.append(("deepspeed-moe", lambda: deepspeed_moe(case, device, dtype), _ds_call))
+    if only:
+        impls = [impl for impl in impls if impl[0] in only]
 
     records, runs = [], []
     for name, build, call in impls:
@@ -213,7 +222,8 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
         records.append(record)
     live = [i for i, run in enumerate(runs) if run is not None]
     times = time_rounds([runs[i] for i in live], repeats, device)
-    dense = times[live.index(0)] if 0 in live else []
+    dense_at = [j for j, i in enumerate(live) if records[i]["impl"] == "dense-swiglu"]
+    dense = times[dense_at[0]] if dense_at else []
     for i, samples in zip(live, times):
         record = records[i]
         if not samples:
@@ -224,9 +234,12 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
         if dense:
             record["ratio_vs_dense"] = round(statistics.median(t / d for t, d in zip(samples, dense)), 3)
     for record in records:
-        print(f"{case.name:26s} {record['impl']:24s} "
-              + (f"{record['median_ms']:9.1f} ms  {record['ratio_vs_dense']:.2f}x  saved {record['saved_mb']:8.1f} MB"
-                 if "median_ms" in record else f"error: {record['error']}"), flush=True)
+        if "median_ms" in record:
+            ratio = f"{record['ratio_vs_dense']:.2f}x" if "ratio_vs_dense" in record else "    -"
+            line = f"{record['median_ms']:9.1f} ms  {ratio}  saved {record['saved_mb']:8.1f} MB"
+        else:
+            line = f"error: {record['error']}"
+        print(f"{case.name:26s} {record['impl']:24s} {line}", flush=True)
     return records
 
 
@@ -235,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--cases", nargs="*", help=f"case names (default: all): {', '.join(c.name for c in CASES)}")
+    parser.add_argument("--impls", nargs="*", help="implementations to time (default: all; ratios need "
+                        f"dense-swiglu): {', '.join(impl_names())}")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (default 7)")
     args = parser.parse_args(argv)
+    unknown_impls = sorted(set(args.impls or []) - set(impl_names()))
+    if unknown_impls:
+        parser.error(f"unknown implementation {unknown_impls[0]}; valid: {', '.join(impl_names())}")
     names = QUICK if args.quick else args.cases or [c.name for c in CASES]
     unknown = sorted(set(names) - {c.name for c in CASES})
     if unknown:
@@ -246,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for case in CASES:
         if case.name in names:
-            records.extend(bench_case(case, args.repeats, device, dtype))
+            records.extend(bench_case(case, args.repeats, device, dtype, args.impls))
     result = {"machine": machine(), "repeats": args.repeats, "records": records}
     if args.json:
         with open(args.json, "w") as f:
