@@ -4,8 +4,9 @@
 
 Per case it times, in the same run: our MoE layer with each available expert backend (router, permutation
 and combine included), a dense SwiGLU with the same active FLOPs (intermediate k·F: the speed limit),
-`transformers`' Mixtral sparse-MoE block with its `eager` and `grouped_mm` experts, and DeepSpeed's MoE
-layer (top-k gate; dropless where it allows). fp32 on a CPU, bf16 on a GPU.
+`transformers`' Mixtral sparse-MoE block with its `eager` and `grouped_mm` experts, DeepSpeed's MoE
+layer (top-k gate; dropless where it allows) and, on a GPU where it is installed, MegaBlocks' dropless MoE
+(``dMoE``). fp32 on a CPU, bf16 on a GPU.
 
 Timing: after two warm-up runs of each, the implementations run in interleaved rounds (one run of each per
 round, ``--repeats`` rounds, the order rotated by one each round), so drift in the machine's speed hits all of them alike. ``median_ms`` is the
@@ -174,6 +175,28 @@ def deepspeed_moe(case: Case, device, dtype) -> torch.nn.Module:
                capacity_factor=1.0, drop_tokens=False, use_residual=False).to(device, dtype)
 
 
+def megablocks_dmoe(case: Case, device, dtype) -> torch.nn.Module:
+    """MegaBlocks' dropless MoE (``dMoE``) with GLU (SwiGLU) experts and its grouped GEMM. CUDA only."""
+    if device.type != "cuda":
+        raise RuntimeError("MegaBlocks' dMoE needs a CUDA device")
+    from megablocks.layers.arguments import Arguments
+    from megablocks.layers.dmoe import dMoE
+
+    args = Arguments(hidden_size=case.hidden, ffn_hidden_size=case.expert_hidden, moe_num_experts=case.experts,
+                     moe_top_k=case.top_k, mlp_type="glu", mlp_impl="grouped", activation_fn=torch.nn.functional.silu,
+                     bias=False, return_bias=False, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
+                     device=device, moe_loss_weight=0.01)
+    return dMoE(args)
+
+
+def _megablocks_call(layer, x):
+    from megablocks.layers.moe import clear_load_balancing_loss
+
+    out = layer(x)
+    clear_load_balancing_loss()  # it keeps every forward's routing for its loss; nothing here reads it
+    return out
+
+
 def _ds_call(layer, x):
     out, aux, _ = layer(x)
     return out + aux
@@ -182,7 +205,7 @@ def _ds_call(layer, x):
 def impl_names() -> list[str]:
     """Every implementation the tool knows, in table order (those that cannot run here are reported)."""
     return (["dense-swiglu"] + [f"ours-{b}" for b in kernels.BACKENDS]
-            + ["ours-auto", "hf-mixtral-eager", "hf-mixtral-grouped_mm", "deepspeed-moe"])
+            + ["ours-auto", "hf-mixtral-eager", "hf-mixtral-grouped_mm", "deepspeed-moe", "megablocks-dmoe"])
 
 
 def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtype,
@@ -203,6 +226,7 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
     impls.append(("hf-mixtral-eager", lambda: hf_mixtral(case, "eager", device, dtype), lambda m, x: m(x)))
     impls.append(("hf-mixtral-grouped_mm", lambda: hf_mixtral(case, "grouped_mm", device, dtype), lambda m, x: m(x)))
     impls.append(("deepspeed-moe", lambda: deepspeed_moe(case, device, dtype), _ds_call))
+    impls.append(("megablocks-dmoe", lambda: megablocks_dmoe(case, device, dtype), _megablocks_call))
     if only:
         impls = [impl for impl in impls if impl[0] in only]
 
