@@ -202,10 +202,23 @@ def _ds_call(layer, x):
     return out + aux
 
 
+def _call(layer, x):
+    return layer(x)
+
+
+# The peers after our layer: name, build(case, device, dtype), call(module, x). The builders are looked up when
+# called, so that tests can replace one.
+PEERS: list[tuple[str, Callable, Callable]] = [
+    ("hf-mixtral-eager", lambda c, d, t: hf_mixtral(c, "eager", d, t), _call),
+    ("hf-mixtral-grouped_mm", lambda c, d, t: hf_mixtral(c, "grouped_mm", d, t), _call),
+    ("deepspeed-moe", lambda c, d, t: deepspeed_moe(c, d, t), _ds_call),
+    ("megablocks-dmoe", lambda c, d, t: megablocks_dmoe(c, d, t), _megablocks_call),
+]
+
+
 def impl_names() -> list[str]:
     """Every implementation the tool knows, in table order (those that cannot run here are reported)."""
-    return (["dense-swiglu"] + [f"ours-{b}" for b in kernels.BACKENDS]
-            + ["ours-auto", "hf-mixtral-eager", "hf-mixtral-grouped_mm", "deepspeed-moe", "megablocks-dmoe"])
+    return ["dense-swiglu"] + [f"ours-{b}" for b in kernels.BACKENDS] + ["ours-auto"] + [p[0] for p in PEERS]
 
 
 def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtype,
@@ -213,8 +226,7 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
     torch.manual_seed(0)
     x = torch.randn(1, case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
     impls: list[tuple[str, Callable[[], torch.nn.Module], Callable]] = [
-        ("dense-swiglu", lambda: SwiGLU(case.hidden, case.top_k * case.expert_hidden).to(device, dtype),
-         lambda m, x: m(x)),
+        ("dense-swiglu", lambda: SwiGLU(case.hidden, case.top_k * case.expert_hidden).to(device, dtype), _call),
     ]
     for backend in kernels.BACKENDS:
         ok, why = kernels.backend_status(backend, device, dtype, case.hidden, 2 * case.expert_hidden)
@@ -223,10 +235,7 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
         if ok:
             impls.append((f"ours-{backend}", lambda b=backend: ours(case, b, device, dtype), _ours_call))
     impls.append(("ours-auto", lambda: ours(case, "auto", device, dtype), _ours_call))
-    impls.append(("hf-mixtral-eager", lambda: hf_mixtral(case, "eager", device, dtype), lambda m, x: m(x)))
-    impls.append(("hf-mixtral-grouped_mm", lambda: hf_mixtral(case, "grouped_mm", device, dtype), lambda m, x: m(x)))
-    impls.append(("deepspeed-moe", lambda: deepspeed_moe(case, device, dtype), _ds_call))
-    impls.append(("megablocks-dmoe", lambda: megablocks_dmoe(case, device, dtype), _megablocks_call))
+    impls += [(name, lambda build=build: build(case, device, dtype), call) for name, build, call in PEERS]
     if only:
         impls = [impl for impl in impls if impl[0] in only]
 
@@ -246,8 +255,7 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
         records.append(record)
     live = [i for i, run in enumerate(runs) if run is not None]
     times = time_rounds([runs[i] for i in live], repeats, device)
-    dense_at = [j for j, i in enumerate(live) if records[i]["impl"] == "dense-swiglu"]
-    dense = times[dense_at[0]] if dense_at else []
+    dense = next((t for i, t in zip(live, times) if records[i]["impl"] == "dense-swiglu"), [])
     for i, samples in zip(live, times):
         record = records[i]
         if not samples:
