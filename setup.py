@@ -1,15 +1,25 @@
 """Install with ``pip install -e .[test]``; ``scripts/setup_env.sh`` does it in ``.venv`` without letting pip
 choose a CUDA torch on a CPU machine."""
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+_ROOT_FOLDERS = ("kernels", "routing", "parallel", "tools", "recipes")
 
 setup(
     name="moe-train",
     version="0.1.0",
     description="Mixture-of-Experts training: routers, grouped-GEMM experts, expert parallelism, upcycling, export",
     python_requires=">=3.10",
-    packages=find_packages(include=["moe", "moe.*", "routing", "routing.*", "parallel", "parallel.*",
-                                    "kernels", "kernels.*", "tools", "tools.*"]),
+    # One import root: everything installs under ``moe``. The folders kernels/, routing/, parallel/, tools/ and
+    # recipes/ sit at the repository root (the design's layout) and install as moe.kernels, moe.routing, ...
+    # They have no __init__.py on purpose: a source checkout on sys.path (pytest, ``python -m`` from the root)
+    # then never shadows another distribution's top-level package of the same name (Hugging Face's
+    # ``kernels``, which transformers requires; PyPI's ``tools``), since a regular package anywhere on sys.path
+    # wins over a namespace portion. The symlinks moe/kernels -> ../kernels etc. make a source checkout import
+    # exactly like the wheel.
+    packages=["moe", "moe.data", "moe.hf", "moe.upcycle", *(f"moe.{name}" for name in _ROOT_FOLDERS)],
+    package_dir={"moe": "moe", **{f"moe.{name}": name for name in _ROOT_FOLDERS}},
+    package_data={"moe.recipes": ["*.yaml"]},
     # NOTE: torch is a floor only. scripts/setup_env.sh installs the CPU build (or keeps a GPU machine's own
     # torch) before this, so pip never resolves torch itself.
     install_requires=[

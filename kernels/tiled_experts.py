@@ -218,7 +218,7 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
 def experts_combine(x_TD: torch.Tensor, rows_A: torch.Tensor, weight_A: torch.Tensor, counts_E: torch.Tensor,
                     w_gate_up_ED2F: torch.Tensor, w_down_EFD: torch.Tensor, grad_scale_A: torch.Tensor | None = None,
                     tile_rows: int = TILE_ROWS, workers: int | None = None) -> torch.Tensor:
-    """``kernels.experts_combine`` (same arguments and result) by row tiles.
+    """``moe.kernels.ops.experts_combine`` (same arguments and result) by row tiles.
 
     Args:
         tile_rows: the most rows of one expert in one tile.

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import reference
+from moe.kernels import reference
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 

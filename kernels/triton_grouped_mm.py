@@ -5,7 +5,7 @@ Shape legend:
     K input width of the GEMM, N output width of the GEMM, B row blocks of the block table.
 
 Rows ``[off_e, off_e + counts_E[e])`` of the grouped dimension use expert ``e``; the kernel reads row
-``rows_A[a]`` of ``x_TK`` directly, so the ``x_TK[rows_A]`` copy of ``kernels.reference`` is never made
+``rows_A[a]`` of ``x_TK`` directly, so the ``x_TK[rows_A]`` copy of ``moe.kernels.reference`` is never made
 ("Scattered Mixture-of-Experts Implementation", Tan et al. 2024, Sec. 3: fusing the scatter/gather
 into the grouped GEMM saves a copy of the activations and its memory traffic).
 

@@ -134,9 +134,9 @@ def _add_model_io_commands(sub: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "layer":
-        from tools.bench_layer import main as bench
+        from moe.tools.bench_layer import main as bench
     else:
-        from tools.bench_train import main as bench
+        from moe.tools.bench_train import main as bench
     return bench(args.bench_args)
 
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of tools/bench_layer.py")
     p.set_defaults(func=_bench)
     p = sub.add_parser("train", help="train a model from a YAML recipe")
-    p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/tiny.yaml")
+    p.add_argument("recipe", help="a YAML recipe file (e.g. recipes/tiny.yaml) or a built-in recipe name (tiny, tiny-dense, small)")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model.moe.num_experts=4")
     p.add_argument("--out", default="runs/tiny", help="output directory (default: runs/tiny)")
     p.add_argument("--max-steps", type=int, default=None, help="override train.steps")

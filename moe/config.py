@@ -17,7 +17,7 @@ EXPERT_BACKENDS = ("auto", "reference", "torch", "triton", "megablocks", "tiled"
 
 @dataclass(kw_only=True)
 class RouterConfig:
-    """Token → expert assignment. ``name`` selects a class from the router registry (``routing.ROUTERS``)."""
+    """Token → expert assignment. ``name`` selects a class from the router registry (``moe.routing.ROUTERS``)."""
 
     name: str = "topk"
     top_k: int = 2
@@ -46,13 +46,13 @@ class RouterConfig:
         _require(self.init_std >= 0, f"router.init_std must be >= 0, got {self.init_std}")
         _require(0 <= self.jitter_eps < 1, f"router.jitter_eps must be in [0, 1), got {self.jitter_eps}")
         # Validates the name against the registry (raises ValueError listing the valid names).
-        from routing import router_class
+        from moe.routing.registry import router_class
 
         from_dict(router_class(self.name).Options, self.options, "router.options")
 
     def router_options(self) -> Any:
         """``options`` as the named router's ``Options`` dataclass."""
-        from routing import router_class
+        from moe.routing.registry import router_class
 
         return from_dict(router_class(self.name).Options, self.options, "router.options")
 

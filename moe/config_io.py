@@ -6,6 +6,7 @@ Unknown keys and wrong types are ``ValueError``s that name the full dotted field
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import re
 import types
@@ -163,11 +164,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with one-line errors for a missing file or malformed YAML."""
+def builtin_recipes() -> dict[str, Path]:
+    """The recipes that ship with the package (the repository's ``recipes/``), by name."""
+    folder = importlib.resources.files("moe.recipes")
+    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith(".yaml")}
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file: ``path`` itself, or the built-in recipe of that name (``tiny`` = ``recipes/tiny.yaml``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"recipe {path} does not exist (recipes live in recipes/, e.g. recipes/tiny.yaml)")
+    if path.is_file():
+        return path
+    builtin = builtin_recipes()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))
+        hint = f" holding {', '.join(inside)}" if inside else ""
+        raise ValueError(f"recipe {path} is a directory{hint}; give a YAML file")
+    if len(path.parts) == 1 and path.stem in builtin and path.suffix in ("", ".yaml"):
+        return builtin[path.stem]
+    raise ValueError(f"recipe {path} does not exist; give a YAML file or a built-in recipe: "
+                     f"{', '.join(sorted(builtin))}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe (a path or a built-in name), with one-line errors for a missing file or bad YAML."""
+    path = resolve_recipe(path)
     try:
         data = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

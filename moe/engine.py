@@ -73,11 +73,11 @@ def build_engine(model: torch.nn.Module, recipe: Recipe) -> Engine:
     ranks already made) or when the recipe asks for DeepSpeed (``parallel.zero_stage`` > 0 or a
     ``parallel.deepspeed_config``), even on one process; ``LocalEngine`` otherwise. ``model`` is the full model on
     the CPU; it is moved to the engine's device (and, under expert parallelism, sharded) here."""
-    from parallel.groups import launched_world_size
+    from moe.parallel.groups import launched_world_size
 
     p = recipe.parallel
     if launched_world_size() > 1 or p.zero_stage > 0 or p.deepspeed_config is not None:
-        from parallel.deepspeed import DeepSpeedEngine
+        from moe.parallel.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(model, recipe)
     if p.expert_parallel_size > 1:

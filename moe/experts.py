@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+from moe.kernels import ops, reference
 
 
 class Experts(nn.Module):
@@ -22,7 +22,7 @@ class Experts(nn.Module):
         num_experts: E.
         hidden_size: D.
         expert_hidden_size: F.
-        backend: expert backend name (``kernels.BACKENDS`` or ``"auto"``).
+        backend: expert backend name (``moe.kernels.backends.BACKENDS`` or ``"auto"``).
         init_std: std of the normal init (the Llama/Mixtral ``initializer_range``).
     """
 
@@ -52,16 +52,16 @@ class Experts(nn.Module):
         Returns:
             y_AD: (A, D) in the grouped order.
         """
-        h_A2F = kernels.gather_grouped_mm(x_TD, rows_A, self.w_gate_up_ED2F, counts_E, backend=self.backend)
-        a_AF = kernels.swiglu(h_A2F)
-        return kernels.grouped_mm(a_AF, self.w_down_EFD, counts_E, backend=self.backend)
+        h_A2F = ops.gather_grouped_mm(x_TD, rows_A, self.w_gate_up_ED2F, counts_E, backend=self.backend)
+        a_AF = reference.swiglu(h_A2F)
+        return ops.grouped_mm(a_AF, self.w_down_EFD, counts_E, backend=self.backend)
 
     def forward_combine(self, x_TD: torch.Tensor, rows_A: torch.Tensor, weight_A: torch.Tensor,
                         counts_E: torch.Tensor, grad_scale_A: torch.Tensor | None = None) -> torch.Tensor:
         """``out[rows_A[a]] += weight_A[a] · expert(x_TD[rows_A[a]])``: experts and combine as one block
-        (``kernels.experts_combine``), (T, D) in the dtype of ``x_TD``."""
-        return kernels.experts_combine(x_TD, rows_A, weight_A, counts_E, self.w_gate_up_ED2F, self.w_down_EFD,
-                                       grad_scale_A=grad_scale_A, backend=self.backend)
+        (``ops.experts_combine``), (T, D) in the dtype of ``x_TD``."""
+        return ops.experts_combine(x_TD, rows_A, weight_A, counts_E, self.w_gate_up_ED2F, self.w_down_EFD,
+                                   grad_scale_A=grad_scale_A, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

@@ -10,14 +10,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import kernels
+from moe.kernels import reference
 from moe.config import MoEConfig
 from moe.experts import Experts
 from moe.ffn import SwiGLU
-from routing import Routing, build_router
+from moe.routing.base import Routing
+from moe.routing.registry import build_router
 
 # Step 3's seam: ``(experts, x_TD, rows_A, counts_E) -> y_AD``, the expert outputs of the grouped assignments
-# in their grouped order. On one device it is ``run_local_experts``; ``parallel.apply_expert_parallel``
+# in their grouped order. On one device it is ``run_local_experts``; ``moe.parallel.expert_moe.parallel.expert_parallel.apply_expert_parallel``
 # installs one that sends the rows to the ranks owning their experts and brings the outputs back.
 Dispatcher = Callable[[Experts, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -74,8 +75,8 @@ class MoELayer(nn.Module):
         else:
             y_AD = self.dispatcher(self.experts, x_TD, rows_A, routing.tokens_per_expert)
             if grad_scale_A is not None:
-                y_AD = kernels.scale_grad(y_AD, grad_scale_A.unsqueeze(1))
-            out_TD = kernels.scatter_combine(y_AD, rows_A, weight_A, B * S)
+                y_AD = reference.scale_grad(y_AD, grad_scale_A.unsqueeze(1))
+            out_TD = reference.scatter_combine(y_AD, rows_A, weight_A, B * S)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

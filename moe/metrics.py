@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from routing import Routing
+from moe.routing.base import Routing
 
 log = logging.getLogger(__name__)
 

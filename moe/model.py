@@ -27,7 +27,7 @@ from torch import nn
 from moe.config import ModelConfig
 from moe.ffn import SwiGLU
 from moe.layer import MoELayer
-from routing import Routing
+from moe.routing.base import Routing
 
 
 class RMSNorm(nn.Module):

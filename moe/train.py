@@ -5,7 +5,7 @@ A run directory holds: ``recipe.yaml`` (the resolved config), ``tokenizer.json``
 ``tensorboard/``, ``checkpoints/`` (resumable, see ``moe.checkpoint``) and the final ``model.safetensors``.
 
 Several processes (``deepspeed --num_gpus N --module moe.train RECIPE ...``; ``build_engine`` then picks
-``parallel.deepspeed.DeepSpeedEngine``): each optimizer step consumes a global batch of
+``moe.parallel.deepspeed.DeepSpeedEngine``): each optimizer step consumes a global batch of
 ``micro_batch_size × grad_accum_steps × world_size`` sequences, and rank r reads rows ``[r·B, (r+1)·B)`` of each
 micro-batch's ``B × world_size`` block, so N processes see exactly the data of one process with an N times
 larger ``micro_batch_size``. Logged losses are means over the ranks; only rank 0 writes files other than
@@ -35,7 +35,7 @@ from moe.data.sampler import fixed_batches
 from moe.engine import Engine, build_engine
 from moe.metrics import DeadExpertWatch, MetricsWriter, RouterCollapseWatch, RouterStats
 from moe.model import MoEModel
-from routing import Router
+from moe.routing.base import Router
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ What it does, in order (``DeepSpeedEngine.__init__``):
 1. joins the process group (already initialised: used as is; else ``deepspeed.init_distributed``: gloo on CPU,
    NCCL on CUDA) and validates ``parallel.expert_parallel_size`` against W and E;
 2. creates DeepSpeed's expert groups (``deepspeed.utils.groups``, named ``ep_size_{P}``; the same ranks as
-   ``parallel.groups``) and shards the experts over them with ``apply_expert_parallel``, which tags expert
+   ``moe.parallel.groups``) and shards the experts over them with ``apply_expert_parallel``, which tags expert
    parameters ``allreduce=False`` and ``group_name="ep_size_{P}"``: DeepSpeed reduces their gradients over the
    expert-data-parallel group only, divided by W (each rank's expert gradient already sums the contributions
    of every rank of its expert-parallel group, so dividing by W gives the mean over all W micro-batches);
@@ -86,8 +86,8 @@ from moe.config import Recipe
 from moe.engine import param_groups
 from moe.experts import Experts
 from moe.layer import MoELayer
-from parallel.expert_parallel import apply_expert_parallel, expert_group_name, is_expert_param
-from parallel.groups import expert_parallel_layout
+from moe.parallel.expert_parallel import apply_expert_parallel, expert_group_name, is_expert_param
+from moe.parallel.groups import expert_parallel_layout
 
 log = logging.getLogger(__name__)
 

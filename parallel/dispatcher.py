@@ -4,7 +4,7 @@ Shape legend: T tokens, D model width, E experts, P ranks in the expert-parallel
 rank, A assignments made on this rank (grouped by expert), R rows received by this rank.
 
 It consumes only the grouped assignments that ``moe.layer.MoELayer`` hands to its dispatcher (rows sorted by
-global expert, and the per-expert counts), so it works for every router behind ``routing.Routing``: top-k,
+global expert, and the per-expert counts), so it works for every router behind ``moe.routing.base.Routing``: top-k,
 expert choice, hash, GRIN, adaptive. Rank r owns experts ``[r·X, (r+1)·X)``.
 
     x_TD --gather rows_A--> x_AD      grouped by global expert = grouped by destination rank
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from moe.experts import Experts
-from parallel.all_to_all import all_to_all, exchange_counts
+from moe.parallel.all_to_all import all_to_all, exchange_counts
 
 
 def source_to_expert_order(recv_counts_PX: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class ExpertParallelDispatcher:
             raise ValueError(f"expected counts for {self.num_experts} experts, got {counts_E.numel()}")
         if experts.w_gate_up_ED2F.shape[0] != X:
             raise ValueError(f"the experts hold {experts.w_gate_up_ED2F.shape[0]} experts, not this rank's "
-                             f"{X}: shard them with parallel.apply_expert_parallel")
+                             f"{X}: shard them with moe.parallel.expert_parallel.apply_expert_parallel")
         # Rows grouped by global expert are grouped by destination rank, since rank r owns a contiguous block.
         x_AD = x_TD.index_select(0, rows_A)
         with torch.no_grad():

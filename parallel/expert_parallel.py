@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.layer import MoELayer, run_local_experts
-from parallel.dispatcher import ExpertParallelDispatcher
+from moe.parallel.dispatcher import ExpertParallelDispatcher
 
 logger = logging.getLogger(__name__)
 

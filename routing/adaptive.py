@@ -21,8 +21,8 @@ from typing import Literal
 
 import torch
 
-from routing.base import Routing
-from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
+from moe.routing.base import Routing
+from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 
 @dataclass(kw_only=True)

@@ -62,8 +62,8 @@ class Router(nn.Module):
 
     Each router file defines its class, a ``@dataclass(kw_only=True) Options`` for its own settings (read
     from ``router.options`` of a recipe; unknown keys are errors), and ``from_config``. Learned routers derive
-    from ``routing.linear.LinearRouter`` (the gate ``W x``), token-choice ones from
-    ``routing.token_choice.TokenChoiceRouter`` (the common settings, losses and ``from_config``).
+    from ``moe.routing.linear.LinearRouter`` (the gate ``W x``), token-choice ones from
+    ``moe.routing.token_choice.TokenChoiceRouter`` (the common settings, losses and ``from_config``).
     """
 
     Options: ClassVar[type] = NoOptions

@@ -45,9 +45,9 @@ from typing import Literal
 
 import torch
 
-from routing.base import Routing, routing_stats
-from routing.linear import LinearRouter
-from routing.losses import z_loss
+from moe.routing.base import Routing, routing_stats
+from moe.routing.linear import LinearRouter
+from moe.routing.losses import z_loss
 
 # ROUTERS.md §2 defaults: c = 2 ("EC-CF2", the compute of top-2 token choice) [R].
 DEFAULT_CAPACITY_FACTOR = 2.0

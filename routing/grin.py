@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 import torch
 
-from routing.base import Routing
-from routing.jitter import gumbel_noise
-from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
+from moe.routing.base import Routing
+from moe.routing.jitter import gumbel_noise
+from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 HEUN_SCALE = 1.0 / 3.0  # s on the non-argmax, B = 0 branch (the reference code writes 0.3333)
 FIRST_ORDER_PROB = 0.25  # P(B = 1): Heun's rule weights f'(pE) by 1/4 and f'(pE/3) by 3/4

@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
-from routing.base import Routing
-from routing.jitter import gumbel_noise
-from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
+from moe.routing.base import Routing
+from moe.routing.jitter import gumbel_noise
+from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 SecondPolicy = Literal["all", "random", "threshold", "sampling", "none"]
 SECOND_POLICIES = ("all", "random", "threshold", "sampling", "none")

@@ -44,8 +44,8 @@ from typing import Literal
 
 import torch
 
-from routing.base import Router, Routing, router_dtype, routing_stats
-from routing.capacity import capacity_keep_mask, expert_capacity
+from moe.routing.base import Router, Routing, router_dtype, routing_stats
+from moe.routing.capacity import capacity_keep_mask, expert_capacity
 
 HashFunction = Literal["random", "balanced", "token_id"]
 HASH_FUNCTIONS = ("random", "balanced", "token_id")

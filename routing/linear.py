@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from routing.base import Router, router_dtype
-from routing.jitter import Jitter
+from moe.routing.base import Router, router_dtype
+from moe.routing.jitter import Jitter
 
 
 class LinearRouter(Router):
@@ -23,7 +23,7 @@ class LinearRouter(Router):
         hidden_size: D.
         num_experts: E.
         init_std: std of the normal init of ``W``.
-        jitter: training-only noise, one of ``routing.jitter.JITTERS`` (ROUTERS.md §1.7).
+        jitter: training-only noise, one of ``moe.routing.jitter.JITTERS`` (ROUTERS.md §1.7).
         jitter_eps: its ε.
     """
 

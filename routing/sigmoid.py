@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from routing.base import Routing
-from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
+from moe.routing.base import Routing
+from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 
 @dataclass(kw_only=True)

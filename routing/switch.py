@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from routing.topk import TopKRouter
+from moe.routing.topk import TopKRouter
 
 
 class SwitchRouter(TopKRouter):

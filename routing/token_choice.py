@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from routing.base import Routing, loss_overrides, routing_stats
-from routing.capacity import capacity_keep_mask, expert_capacity
-from routing.linear import LinearRouter
-from routing.losses import load_balancing_loss, z_loss
+from moe.routing.base import Routing, loss_overrides, routing_stats
+from moe.routing.capacity import capacity_keep_mask, expert_capacity
+from moe.routing.linear import LinearRouter
+from moe.routing.losses import load_balancing_loss, z_loss
 
 
 def common_router_kwargs(moe_cfg: Any, hidden_size: int) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from typing import Literal
 
 import torch
 
-from routing.adaptive import mean_k_capacity_factor
-from routing.base import Routing
-from routing.token_choice import TokenChoiceRouter, token_choice_routing
+from moe.routing.adaptive import mean_k_capacity_factor
+from moe.routing.base import Routing
+from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing
 
 
 @dataclass(kw_only=True)
@@ -87,7 +87,7 @@ class TopPRouter(TokenChoiceRouter):
     The common ``router.top_k`` and ``router.renormalize`` do not apply; ``self.top_k`` is ``max_experts``, the
     most a token can get. The load-balancing ``f`` uses ``router.lb_f_normalization`` over the variable set
     (``"assignments"``, the default, gives Σf = 1, as ROUTERS.md §4.2 suggests). With a capacity factor, C is
-    sized by the group's mean experts per token (``routing.adaptive.mean_k_capacity_factor``).
+    sized by the group's mean experts per token (``moe.routing.adaptive.mean_k_capacity_factor``).
 
     Args:
         num_experts: E.

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from routing.base import Routing
-from routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
+from moe.routing.base import Routing
+from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
 
 
 class TopKRouter(TokenChoiceRouter):

@@ -20,7 +20,7 @@ def test_bench_train_reports_tokens_per_second(tmp_path, capsys):
 
 
 def test_bench_layer_quick_case_records_every_implementation(tmp_path, monkeypatch):
-    import tools.bench_layer as bench
+    import moe.tools.bench_layer as bench
 
     monkeypatch.setattr(bench, "CASES", [bench.Case("tiny", 64, 32, 4, 2, 16)])
     monkeypatch.setattr(bench, "QUICK", ["tiny"])
@@ -45,7 +45,7 @@ def test_bench_layer_quick_case_records_every_implementation(tmp_path, monkeypat
 
 
 def test_bench_layer_times_only_the_named_implementations(tmp_path, monkeypatch, capsys):
-    import tools.bench_layer as bench
+    import moe.tools.bench_layer as bench
 
     monkeypatch.setattr(bench, "CASES", [bench.Case("tiny", 64, 32, 4, 2, 16)])
     out = tmp_path / "layer.json"

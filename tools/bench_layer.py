@@ -1,6 +1,6 @@
 """Benchmark one MoE layer, forward + backward, against the FLOP-matched dense SwiGLU and peer implementations.
 
-    .venv/bin/python -m tools.bench_layer [--json FILE] [--quick] [--cases NAME ...] [--impls NAME ...] [--repeats N]
+    .venv/bin/python -m moe.tools.bench_layer [--json FILE] [--quick] [--cases NAME ...] [--impls NAME ...] [--repeats N]
 
 Per case it times, in the same run: our MoE layer with each available expert backend (router, permutation
 and combine included), a dense SwiGLU with the same active FLOPs (intermediate k·F: the speed limit),
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+from moe.kernels import backends
 from moe.config import MoEConfig, RouterConfig
 from moe.ffn import SwiGLU
 from moe.layer import MoELayer
@@ -218,7 +218,7 @@ PEERS: list[tuple[str, Callable, Callable]] = [
 
 def impl_names() -> list[str]:
     """Every implementation the tool knows, in table order (those that cannot run here are reported)."""
-    return ["dense-swiglu"] + [f"ours-{b}" for b in kernels.BACKENDS] + ["ours-auto"] + [p[0] for p in PEERS]
+    return ["dense-swiglu"] + [f"ours-{b}" for b in backends.BACKENDS] + ["ours-auto"] + [p[0] for p in PEERS]
 
 
 def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtype,
@@ -228,8 +228,8 @@ def bench_case(case: Case, repeats: int, device: torch.device, dtype: torch.dtyp
     impls: list[tuple[str, Callable[[], torch.nn.Module], Callable]] = [
         ("dense-swiglu", lambda: SwiGLU(case.hidden, case.top_k * case.expert_hidden).to(device, dtype), _call),
     ]
-    for backend in kernels.BACKENDS:
-        ok, why = kernels.backend_status(backend, device, dtype, case.hidden, 2 * case.expert_hidden)
+    for backend in backends.BACKENDS:
+        ok, why = backends.backend_status(backend, device, dtype, case.hidden, 2 * case.expert_hidden)
         if backend == "triton" and device.type == "cpu":
             ok = False  # the interpreter is for correctness only
         if ok:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                          if "tokens_per_s" in r else f"error: {r['error']}")
                 print(f"{recipe:24s} EP {ep}  {shown}  ({r['wall_s']} s wall)", flush=True)
     if args.json:
-        from tools.bench_layer import machine
+        from moe.tools.bench_layer import machine
 
         Path(args.json).write_text(json.dumps({"machine": machine(), "records": records}, indent=1))
         print(f"wrote {args.json}")

@@ -33,7 +33,7 @@ from moe.upcycle.options import (
     options_dict,
 )
 from moe.upcycle.report import LayerReport, UpcycleReport, exact_expected, probe_error
-from routing import build_router
+from moe.routing.registry import build_router
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 from moe.config import DataConfig
 from moe.data import BlockSampler, prepare_data
 from moe.data.corpus import load_corpus
-from moe.data.tokenizer import EOS, load_tokenizer
+from moe.data.tokenizer import EOS
 
 DOCS = [f"def function_{i}(x):\n    return x * {i} + {i * i}  # document {i}\n" * 3 for i in range(60)]
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from moe.kernels import backends, ops, reference
 
 CPU = torch.device("cpu")
 
@@ -42,18 +41,18 @@ def _inputs(counts, K, N, dtype, gather):
 @pytest.mark.parametrize("gather", [False, True])
 def test_reference_equals_row_loop_float64(counts, K, N, gather):
     x, rows, w, counts = _inputs(counts, K, N, torch.float64, gather)
-    y = kernels.gather_grouped_mm(x, rows, w, counts, backend="reference")
+    y = ops.gather_grouped_mm(x, rows, w, counts, backend="reference")
     assert torch.allclose(y, loop_gather_mm(x, rows, w, counts), atol=1e-12)
 
 
 def _compare(backend, counts, K, N, dtype, gather, atol, rtol):
     x, rows, w, counts = _inputs(counts, K, N, dtype, gather)
-    ok, why = kernels.backend_status(backend, CPU, dtype, K, N)
+    ok, why = backends.backend_status(backend, CPU, dtype, K, N)
     if not ok:
         with pytest.raises(ValueError, match=f"expert backend '{backend}' cannot run here"):
-            kernels.gather_grouped_mm(x, rows, w, counts, backend=backend)
+            ops.gather_grouped_mm(x, rows, w, counts, backend=backend)
         return
-    y = kernels.gather_grouped_mm(x, rows, w, counts, backend=backend)
+    y = ops.gather_grouped_mm(x, rows, w, counts, backend=backend)
     assert y.dtype == dtype and y.shape == (int(counts.sum()), N)
     g = torch.randn_like(y)
     dx, dw = torch.autograd.grad(y, (x, w), g)
@@ -75,26 +74,26 @@ def test_torch_backend_matches_reference(counts, K, N, gather, dtype, atol, rtol
 
 
 def test_torch_backend_refuses_unaligned_widths_with_reason():
-    ok, why = kernels.backend_status("torch", CPU, torch.bfloat16, 100, 40)
+    ok, why = backends.backend_status("torch", CPU, torch.bfloat16, 100, 40)
     assert not ok and "16 bytes" in why
-    ok, why = kernels.backend_status("torch", CPU, torch.float64, 8, 8)
+    ok, why = backends.backend_status("torch", CPU, torch.float64, 8, 8)
     assert not ok and "float64" in why
 
 
 def test_auto_picks_an_available_backend():
     w = torch.randn(3, 8, 8)
-    assert kernels.resolve_backend("auto", torch.randn(2, 8), w) == "torch"
-    assert kernels.resolve_backend("auto", torch.randn(2, 8, dtype=torch.float64), w.double()) == "reference"
+    assert backends.resolve_backend("auto", torch.randn(2, 8), w) == "torch"
+    assert backends.resolve_backend("auto", torch.randn(2, 8, dtype=torch.float64), w.double()) == "reference"
     w_odd = torch.randn(3, 100, 40, dtype=torch.bfloat16)
-    assert kernels.resolve_backend("auto", torch.randn(2, 100, dtype=torch.bfloat16), w_odd) == "reference"
+    assert backends.resolve_backend("auto", torch.randn(2, 100, dtype=torch.bfloat16), w_odd) == "reference"
 
 
 def test_unknown_and_unavailable_backends_are_clear_errors():
     x, w, counts = torch.randn(4, 8), torch.randn(2, 8, 8), torch.tensor([2, 2])
     with pytest.raises(ValueError, match="unknown expert backend 'fast'; valid: auto, reference, torch, triton"):
-        kernels.grouped_mm(x, w, counts, backend="fast")
+        ops.grouped_mm(x, w, counts, backend="fast")
     with pytest.raises(ValueError, match="megablocks runs on CUDA devices only"):
-        kernels.grouped_mm(x, w, counts, backend="megablocks")
+        ops.grouped_mm(x, w, counts, backend="megablocks")
 
 
 def test_scatter_combine_equals_loop_and_accumulates_in_fp32():
@@ -102,7 +101,7 @@ def test_scatter_combine_equals_loop_and_accumulates_in_fp32():
     rows = torch.tensor([0, 2, 2, 5, 0, 3])
     weight = torch.rand(6)
     y = torch.randn(6, D, dtype=torch.float64)
-    out = kernels.scatter_combine(y, rows, weight, T)
+    out = reference.scatter_combine(y, rows, weight, T)
     want = torch.zeros(T, D, dtype=torch.float64)
     for a in range(6):
         want[rows[a]] += weight[a].double() * y[a]
@@ -110,8 +109,8 @@ def test_scatter_combine_equals_loop_and_accumulates_in_fp32():
     assert torch.count_nonzero(out[1]) == 0 and torch.count_nonzero(out[4]) == 0
     # bf16 inputs: the sum happens in fp32, so it equals the fp32 sum rounded once
     yb = y.to(torch.bfloat16)
-    outb = kernels.scatter_combine(yb, rows, weight, T)
-    assert torch.equal(outb, kernels.scatter_combine(yb.float(), rows, weight, T).to(torch.bfloat16))
+    outb = reference.scatter_combine(yb, rows, weight, T)
+    assert torch.equal(outb, reference.scatter_combine(yb.float(), rows, weight, T).to(torch.bfloat16))
 
 
 @pytest.mark.gpu
@@ -120,9 +119,9 @@ def test_gpu_backends_match_reference_bf16(backend):
     counts = torch.tensor([5, 0, 17, 3], device="cuda")
     x = torch.randn(25, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ok, why = kernels.backend_status(backend, x.device, x.dtype, 64, 128)
+    ok, why = backends.backend_status(backend, x.device, x.dtype, 64, 128)
     if not ok:
         pytest.skip(why)
-    y = kernels.grouped_mm(x, w, counts, backend=backend)
-    y_ref = kernels.grouped_mm(x.float(), w.float(), counts, backend="reference")
+    y = ops.grouped_mm(x, w, counts, backend=backend)
+    y_ref = ops.grouped_mm(x.float(), w.float(), counts, backend="reference")
     assert torch.allclose(y.float(), y_ref, atol=5e-2, rtol=2e-2)

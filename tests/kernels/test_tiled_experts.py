@@ -1,4 +1,4 @@
-"""The tiled expert block (``kernels.tiled_experts``) against the composed reference: output and every
+"""The tiled expert block (``moe.kernels.tiled_experts``) against the composed reference: output and every
 gradient, on ragged routings, with tiles split inside experts, with worker threads, and after fork()."""
 
 import multiprocessing
@@ -6,8 +6,8 @@ import multiprocessing
 import pytest
 import torch
 
-import kernels
-from kernels import tiled_experts
+from moe.kernels import ops
+from moe.kernels import tiled_experts
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +43,8 @@ def _run(backend, x, w_gu, w_dn, rows, weight, counts, grad_scale=None, g_out=No
         out = tiled_experts.experts_combine(leaves[0], rows, leaves[3], counts, leaves[1], leaves[2], grad_scale,
                                             **tiled_kw)
     else:
-        out = kernels.experts_combine(leaves[0], rows, leaves[3], counts, leaves[1], leaves[2],
-                                      grad_scale_A=grad_scale, backend=backend)
+        out = ops.experts_combine(leaves[0], rows, leaves[3], counts, leaves[1], leaves[2],
+                                  grad_scale_A=grad_scale, backend=backend)
     g_out = torch.randn_like(out) if g_out is None else g_out
     out.backward(g_out)
     return out.detach(), [t.grad for t in leaves], g_out
@@ -117,7 +117,7 @@ def test_no_grad_forward_keeps_nothing_and_matches():
     rows, weight, counts = _routing(20, 4, 2, torch.float32)
     with torch.no_grad():
         out = tiled_experts.experts_combine(x, rows, weight, counts, w_gu, w_dn)
-    want = kernels.experts_combine(x, rows, weight, counts, w_gu, w_dn, backend="reference")
+    want = ops.experts_combine(x, rows, weight, counts, w_gu, w_dn, backend="reference")
     torch.testing.assert_close(out, want)
     assert not out.requires_grad
 

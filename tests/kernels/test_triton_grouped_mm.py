@@ -1,4 +1,4 @@
-"""Triton gather-grouped-GEMM against a per-expert loop (float64) and ``kernels.reference``: the output
+"""Triton gather-grouped-GEMM against a per-expert loop (float64) and ``moe.kernels.reference``: the output
 and both gradients, at awkward sizes. On CPU the kernels run under the Triton interpreter.
 
 Shape legend: T tokens, A assignments (rows grouped by expert), E experts, K input width, N output width.
@@ -8,15 +8,15 @@ import os
 
 import torch
 
-# NOTE: triton.jit picks interpreter vs GPU when it decorates, i.e. when kernels.triton_grouped_mm is
+# NOTE: triton.jit picks interpreter vs GPU when it decorates, i.e. when moe.kernels.triton_grouped_mm is
 # imported, so the variable must be set before that import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels import triton_grouped_mm as tgm  # noqa: E402
+from moe.kernels import reference  # noqa: E402
+from moe.kernels import triton_grouped_mm as tgm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 AVAILABLE, REASON = tgm.is_available(DEVICE)
@@ -92,7 +92,7 @@ def run_case(name: str, dtype: torch.dtype) -> None:
     w_EKN = (torch.randn(E, K, N, generator=gen) / K**0.5).to(dtype)
     dy_AN = torch.randn(counts_E.sum().item(), N, generator=gen).to(dtype)
 
-    # float64 ground truth from the same (already rounded) inputs, by the loop and by kernels.reference.
+    # float64 ground truth from the same (already rounded) inputs, by the loop and by moe.kernels.reference.
     x64 = x_TK.double().requires_grad_()
     w64 = w_EKN.double().requires_grad_()
     y64 = loop_gather_grouped_mm(x64, rows_A, w64, counts_E)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import kernels
+from moe.kernels import backends
 from moe.config import MoEConfig, RouterConfig
 from moe.ffn import SwiGLU
 from moe.layer import MoELayer
@@ -149,7 +149,7 @@ def test_layer_in_bf16_matches_fp32_within_tolerance():
     out16, r16 = layer16(x.to(torch.bfloat16))
     assert out16.dtype == torch.bfloat16 and r16.weight.dtype == torch.float32
     assert torch.allclose(out16.float(), out32, atol=2e-2, rtol=5e-2)
-    assert kernels.resolve_backend("auto", x.to(torch.bfloat16), layer16.experts.w_gate_up_ED2F) == "torch"
+    assert backends.resolve_backend("auto", x.to(torch.bfloat16), layer16.experts.w_gate_up_ED2F) == "torch"
     # The whole expert block runs tiled on a CPU; a lone grouped GEMM asked of "tiled" runs on auto's choice.
-    assert kernels.resolve_block_backend("auto", x, layer32.experts.w_gate_up_ED2F) == "tiled"
-    assert kernels.resolve_backend("tiled", x, layer32.experts.w_gate_up_ED2F) == "torch"
+    assert backends.resolve_block_backend("auto", x, layer32.experts.w_gate_up_ED2F) == "tiled"
+    assert backends.resolve_backend("tiled", x, layer32.experts.w_gate_up_ED2F) == "torch"

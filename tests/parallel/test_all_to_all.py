@@ -26,7 +26,7 @@ def _rows(src: int, dst: int, n: int) -> torch.Tensor:
 
 
 def _exchange_and_backward(rank: int, send: list[int], recv: list[int] | None, use_counts: bool) -> dict:
-    from parallel import all_to_all, uneven_all_to_all
+    from moe.parallel.all_to_all import all_to_all, uneven_all_to_all
 
     group = dist.group.WORLD
     x = torch.cat([_rows(rank, j, n) for j, n in enumerate(send)]).requires_grad_(True)
@@ -46,7 +46,7 @@ def _exchange_and_backward(rank: int, send: list[int], recv: list[int] | None, u
 
 
 def all_to_all_checks(rank: int, world_size: int) -> dict:
-    from parallel import CountMismatchError, exchange_counts, uneven_all_to_all
+    from moe.parallel.all_to_all import CountMismatchError, exchange_counts, uneven_all_to_all
 
     assert world_size == WORLD
     out: dict = {}

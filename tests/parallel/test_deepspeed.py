@@ -47,7 +47,7 @@ from safetensors.torch import load_file
 # so the ranks share these imports (DeepSpeed's and the trainer's take seconds of CPU each) instead of repeating
 # them on a 2-core machine.
 import moe.train  # noqa: F401
-import parallel.deepspeed  # noqa: F401
+import moe.parallel.deepspeed  # noqa: F401
 from tests.parallel.launcher import REPO_ROOT, run_distributed
 from tests.exploit import Exploit
 
@@ -97,7 +97,7 @@ def _tags(rank: int, cache: Path) -> dict:
     from deepspeed.moe.utils import is_moe_param, is_moe_param_group
 
     from moe.model import MoEModel
-    from parallel.deepspeed import DeepSpeedEngine
+    from moe.parallel.deepspeed import DeepSpeedEngine
 
     recipe = _recipe(cache, "parallel.expert_parallel_size=2", "train.micro_batch_size=2")
     model = MoEModel(recipe.model)
@@ -127,7 +127,7 @@ def _skip_and_step(rank: int, cache: Path, stage: int, run: Path, work: Path) ->
     import torch
 
     from moe.model import MoEModel
-    from parallel.deepspeed import DeepSpeedEngine
+    from moe.parallel.deepspeed import DeepSpeedEngine
 
     recipe = _recipe(cache, "parallel.expert_parallel_size=2", "train.micro_batch_size=2",
                      f"parallel.zero_stage={stage}")
@@ -237,7 +237,7 @@ def _save_faults(rank: int, engine, root: Path) -> dict:
     import torch.distributed as dist
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    import parallel.deepspeed as pd
+    import moe.parallel.deepspeed as pd
     from moe.checkpoint import verify_checkpoint
 
     out: dict = {"errors": {}}
@@ -435,7 +435,7 @@ def test_zero3_and_bad_expert_parallel_sizes_are_refused_in_one_line(results):
 
 
 def test_deepspeed_config_from_the_recipe_and_the_users_json(tmp_path):
-    from parallel.deepspeed import load_config
+    from moe.parallel.deepspeed import load_config
 
     recipe = _recipe(tmp_path, "train.micro_batch_size=3", "train.grad_accum_steps=2", "train.grad_clip=0.5",
                      "parallel.zero_stage=2")
@@ -528,7 +528,7 @@ def test_a_failed_deepspeed_save_on_one_rank_keeps_the_previous_checkpoint(job):
 
 def test_the_pickle_allow_list_is_exactly_what_deepspeeds_files_hold(results):
     """The globals outside torch's weights-only set in every file of the ZeRO 0/1/2 runs' checkpoints."""
-    from parallel.deepspeed import DEEPSPEED_PICKLE_GLOBALS
+    from moe.parallel.deepspeed import DEEPSPEED_PICKLE_GLOBALS
 
     found = results[0]["globals"]
     print(f"globals beyond torch's weights-only set, per file kind: {found}")

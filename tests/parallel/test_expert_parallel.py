@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from routing import ROUTERS
+from moe.routing.registry import ROUTERS
 from tests.parallel.launcher import run_distributed
 
 WORLD = 4
@@ -79,7 +79,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _parity(rank: int, groups, router: str, backend: str) -> dict:
     from moe.model import MoEModel
-    from parallel import apply_expert_parallel, is_expert_param
+    from moe.parallel.expert_parallel import apply_expert_parallel, is_expert_param
 
     P, r = groups.ep_size, groups.ep_rank
     X = NUM_EXPERTS // P
@@ -136,7 +136,7 @@ def _zero_token_dispatch(rank: int, group, backend: str) -> dict:
     weight gradients must equal the single process running all ranks' assignments."""
     from moe.experts import Experts
     from moe.layer import run_local_experts
-    from parallel import ExpertParallelDispatcher
+    from moe.parallel.dispatcher import ExpertParallelDispatcher
 
     E, D, F = 4, 16, 8
     tokens = [5, 0, 3, 2]
@@ -188,7 +188,7 @@ def _zero_token_dispatch(rank: int, group, backend: str) -> dict:
 
 def _errors(rank: int, group) -> dict:
     from moe.model import MoEModel
-    from parallel import apply_expert_parallel
+    from moe.parallel.expert_parallel import apply_expert_parallel
 
     out = {}
     try:
@@ -206,7 +206,7 @@ def _errors(rank: int, group) -> dict:
 
 
 def expert_parallel_checks(rank: int, world_size: int, cases: list[list[str]]) -> dict:
-    from parallel import build_expert_parallel_groups
+    from moe.parallel.groups import build_expert_parallel_groups
 
     assert world_size == WORLD
     out: dict = {"parity": {}, "groups": {}}
@@ -247,7 +247,7 @@ def test_expert_parallel_equals_single_process(results, router, backend, ep_size
 
 
 def test_groups_nest_expert_parallel_inside_data_parallel(results):
-    from parallel import expert_parallel_layout
+    from moe.parallel.groups import expert_parallel_layout
 
     for P in EP_SIZES:
         ep_groups, edp_groups = expert_parallel_layout(WORLD, P)

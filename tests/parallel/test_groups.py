@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from parallel import build_expert_parallel_groups, expert_parallel_layout, source_to_expert_order
+from moe.parallel.dispatcher import source_to_expert_order
+from moe.parallel.groups import build_expert_parallel_groups, expert_parallel_layout
 
 
 @pytest.mark.parametrize("world_size, ep_size, ep_groups, edp_groups", [

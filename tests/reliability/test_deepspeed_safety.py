@@ -1,4 +1,4 @@
-"""What ``--resume`` lets DeepSpeed unpickle: ``parallel.deepspeed.check_pickled_files`` on hand-made files, in
+"""What ``--resume`` lets DeepSpeed unpickle: ``moe.parallel.deepspeed.check_pickled_files`` on hand-made files, in
 this process (no DeepSpeed engine, no process group).
 
 DeepSpeed loads its checkpoint files with ``torch.load(weights_only=False)``; the check disassembles each
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.deepspeed import DEEPSPEED_PICKLE_GLOBALS, check_pickled_files, load_config
+from moe.parallel.deepspeed import DEEPSPEED_PICKLE_GLOBALS, check_pickled_files, load_config
 from tests.reliability.common import RECIPE
 from tests.exploit import Exploit
 

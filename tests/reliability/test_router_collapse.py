@@ -10,7 +10,7 @@ import torch
 
 from moe.config import MoEConfig, RouterConfig
 from moe.metrics import RouterCollapseWatch, RouterStats
-from routing import build_router
+from moe.routing.registry import build_router
 
 
 def test_worked_example_warns_once_after_patience_steps(caplog):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from routing.linear import LinearRouter
+from moe.routing.linear import LinearRouter
 
 
 def identity_gate(router: LinearRouter) -> LinearRouter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from routing.base import Router, Routing
+from moe.routing.base import Router, Routing
 
 
 def check_routing_invariants(router: Router, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from moe.config import MoEConfig, RouterConfig
-from routing import ROUTERS, build_router
-from routing.adaptive import AdaptiveOptions, AdaptiveRouter
-from routing.losses import load_balancing_loss
-from routing.topk import TopKRouter
+from moe.routing.registry import ROUTERS, build_router
+from moe.routing.adaptive import AdaptiveOptions, AdaptiveRouter
+from moe.routing.losses import load_balancing_loss
+from moe.routing.topk import TopKRouter
 from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 

@@ -7,8 +7,10 @@ import torch
 from moe.config import ModelConfig, MoEConfig, RouterConfig
 from moe.layer import MoELayer
 from moe.model import MoEModel
-from routing import ROUTERS, ExpertChoiceRouter, TopKRouter
-from routing.expert_choice import expert_choice_capacity, expert_choice_select
+from moe.routing.expert_choice import ExpertChoiceRouter
+from moe.routing.registry import ROUTERS
+from moe.routing.topk import TopKRouter
+from moe.routing.expert_choice import expert_choice_capacity, expert_choice_select
 from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 

@@ -5,9 +5,9 @@ import torch
 
 from moe.config import MoEConfig, RouterConfig
 from moe.layer import MoELayer
-from routing import ROUTERS, build_router
-from routing.grin import GrinOptions, GrinRouter, sparsemixer_v2
-from routing.losses import load_balancing_loss
+from moe.routing.registry import ROUTERS, build_router
+from moe.routing.grin import GrinOptions, GrinRouter, sparsemixer_v2
+from moe.routing.losses import load_balancing_loss
 from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moe.config import MoEConfig, RouterConfig
-from routing import ROUTERS, build_router
-from routing.gshard import SECOND_POLICIES, GShardOptions, GShardRouter
-from routing.token_choice import token_choice_routing
+from moe.routing.registry import ROUTERS, build_router
+from moe.routing.gshard import SECOND_POLICIES, GShardOptions, GShardRouter
+from moe.routing.token_choice import token_choice_routing
 from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 

@@ -15,8 +15,9 @@ import torch
 from moe.config import ModelConfig, MoEConfig, RouterConfig
 from moe.layer import MoELayer
 from moe.model import MoEModel
-from routing import ROUTERS, HashRouter
-from routing.hash import balanced_hash_table, random_hash_table, token_id_hash_table
+from moe.routing.hash import HashRouter
+from moe.routing.registry import ROUTERS
+from moe.routing.hash import balanced_hash_table, random_hash_table, token_id_hash_table
 from tests.routing.invariants import check_routing_invariants
 
 V = 50

@@ -6,12 +6,12 @@ import torch
 
 from moe.config import MoEConfig, RouterConfig
 from moe.layer import MoELayer
-from routing import build_router
-from routing.gshard import GShardRouter
-from routing.jitter import JITTERS, Jitter
-from routing.sigmoid import SigmoidRouter
-from routing.switch import SwitchRouter
-from routing.topk import TopKRouter
+from moe.routing.registry import build_router
+from moe.routing.gshard import GShardRouter
+from moe.routing.jitter import JITTERS, Jitter
+from moe.routing.sigmoid import SigmoidRouter
+from moe.routing.switch import SwitchRouter
+from moe.routing.topk import TopKRouter
 from tests.routing.helpers import identity_gate
 
 NOISY = [kind for kind in JITTERS if kind != "none"]

@@ -8,8 +8,8 @@ from torch.func import functional_call
 
 from moe.config import MoEConfig, RouterConfig
 from moe.layer import MoELayer
-from routing import ROUTERS, build_router
-from routing.sigmoid import SigmoidOptions, SigmoidRouter, sequence_load_balancing_loss
+from moe.routing.registry import ROUTERS, build_router
+from moe.routing.sigmoid import SigmoidOptions, SigmoidRouter, sequence_load_balancing_loss
 from tests.routing.invariants import check_routing_invariants
 
 

@@ -7,9 +7,9 @@ import torch
 
 from moe.config import MoEConfig, RouterConfig
 from moe.layer import MoELayer
-from routing import ROUTERS, build_router
-from routing.switch import SwitchRouter
-from routing.topk import TopKRouter
+from moe.routing.registry import ROUTERS, build_router
+from moe.routing.switch import SwitchRouter
+from moe.routing.topk import TopKRouter
 from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moe.config import MoEConfig, RouterConfig
-from routing import ROUTERS, build_router
-from routing.top_p import TopPOptions, TopPRouter, entropy_loss, top_p_indices
-from routing.topk import TopKRouter
+from moe.routing.registry import ROUTERS, build_router
+from moe.routing.top_p import TopPOptions, TopPRouter, entropy_loss, top_p_indices
+from moe.routing.topk import TopKRouter
 from tests.routing.helpers import identity_gate
 from tests.routing.invariants import check_routing_invariants
 

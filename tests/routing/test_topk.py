@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from routing import ROUTERS, TopKRouter, router_class
-from routing.capacity import capacity_keep_mask, expert_capacity
-from routing.losses import load_balancing_loss, z_loss
+from moe.routing.registry import ROUTERS, router_class
+from moe.routing.topk import TopKRouter
+from moe.routing.capacity import capacity_keep_mask, expert_capacity
+from moe.routing.losses import load_balancing_loss, z_loss
 from tests.routing.invariants import check_routing_invariants
 
 
@@ -178,7 +179,7 @@ def test_dropped_fraction_is_reported():
 def test_topk_indices_fast_path_equals_the_stable_sort():
     """``topk_indices`` takes ``torch.topk`` when the k+1 best scores do not repeat; its answer must be the
     stable descending sort's in every case: distinct scores, ties (towards the lower index), -inf, NaN."""
-    from routing.token_choice import topk_indices
+    from moe.routing.token_choice import topk_indices
 
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(50, 64, generator=g), torch.randint(0, 3, (50, 8), generator=g).float()]

@@ -1,4 +1,4 @@
-"""Expert ops with interchangeable backends: one function per op, chosen by name.
+"""Expert backends by name: which can run here, and what ``auto`` picks (read by ``moe.kernels.ops``).
 
 Shape legend: T tokens, A rows grouped by expert, E experts, K input width, N output width.
 
@@ -24,8 +24,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import megablocks_grouped_mm, reference, tiled_experts, torch_grouped_mm
-from kernels.reference import scale_grad, scatter_combine, swiglu
+from moe.kernels import megablocks_grouped_mm, tiled_experts, torch_grouped_mm
 
 BACKENDS = ("reference", "torch", "triton", "megablocks", "tiled")
 # Preference order of ``auto`` per device type. NOTE: Triton on a CPU runs in its interpreter, far too slow
@@ -36,9 +35,9 @@ _AUTO_ORDER = {
 }
 
 
-def _triton() -> ModuleType:
+def triton_module() -> ModuleType:
     # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set before it.
-    return importlib.import_module("kernels.triton_grouped_mm")
+    return importlib.import_module("moe.kernels.triton_grouped_mm")
 
 
 def backend_status(name: str, device: torch.device, dtype: torch.dtype, k: int, n: int) -> tuple[bool, str]:
@@ -48,7 +47,7 @@ def backend_status(name: str, device: torch.device, dtype: torch.dtype, k: int, 
     if name == "torch":
         return torch_grouped_mm.is_available(device, dtype, k, n)
     if name == "triton":
-        ok, why = _triton().is_available(device)
+        ok, why = triton_module().is_available(device)
         if ok and dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False, f"triton backend supports float32, bfloat16 and float16, not {dtype}"
         return ok, why
@@ -74,33 +73,6 @@ def resolve_backend(name: str, x: torch.Tensor, w_EKN: torch.Tensor) -> str:
     return name
 
 
-def gather_grouped_mm(
-    x_TK: torch.Tensor,
-    rows_A: torch.Tensor | None,
-    w_EKN: torch.Tensor,
-    counts_E: torch.Tensor,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``y_AN[a] = x_TK[rows_A[a]] @ w_EKN[e]`` where rows ``[off_e, off_e + counts_E[e])`` belong to expert e.
-
-    Args:
-        x_TK: (T, K) input rows.
-        rows_A: (A,) int64 row of ``x_TK`` for each grouped row, or None when ``x_TK`` is already grouped.
-        w_EKN: (E, K, N) expert weights.
-        counts_E: (E,) int64 rows per expert, summing to A.
-        backend: a name from ``BACKENDS`` or ``"auto"``.
-    Returns:
-        (A, N), differentiable with respect to ``x_TK`` and ``w_EKN``.
-    """
-    chosen = resolve_backend(backend, x_TK, w_EKN)
-    if chosen == "reference":
-        x_AK = x_TK if rows_A is None else x_TK.index_select(0, rows_A)
-        return reference.grouped_mm(x_AK, w_EKN, counts_E)
-    module = {"torch": torch_grouped_mm, "megablocks": megablocks_grouped_mm}.get(chosen) or _triton()
-    return module.gather_grouped_mm(x_TK, rows_A, w_EKN, counts_E)
-
-
 def resolve_block_backend(name: str, x: torch.Tensor, w_EKN: torch.Tensor) -> str:
     """The backend ``experts_combine`` runs for ``name``: ``tiled`` when asked or, under ``auto``, on a CPU;
     otherwise the grouped-GEMM backend of ``resolve_backend``."""
@@ -111,59 +83,3 @@ def resolve_block_backend(name: str, x: torch.Tensor, w_EKN: torch.Tensor) -> st
         if name == "tiled":
             raise ValueError(f"expert backend 'tiled' cannot run here: {why}; use backend 'auto' or 'reference'")
     return resolve_backend(name, x, w_EKN)
-
-
-def experts_combine(
-    x_TD: torch.Tensor,
-    rows_A: torch.Tensor,
-    weight_A: torch.Tensor,
-    counts_E: torch.Tensor,
-    w_gate_up_ED2F: torch.Tensor,
-    w_down_EFD: torch.Tensor,
-    *,
-    grad_scale_A: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """The routed-expert block: ``out[rows_A[a]] += weight_A[a] · SwiGLU-expert_e(x_TD[rows_A[a]])``.
-
-    Args:
-        x_TD: (T, D) token activations.
-        rows_A: (A,) int64 token of each assignment, grouped by expert.
-        weight_A: (A,) combine weight of each assignment.
-        counts_E: (E,) assignments per expert, summing to A.
-        w_gate_up_ED2F: (E, D, 2F) gate projection in the first F columns, up in the last F.
-        w_down_EFD: (E, F, D).
-        grad_scale_A: (A,) or None: multiplies the gradient reaching the experts (and ``x_TD``) through
-            each assignment, not its weight's gradient (``Routing.expert_grad_scale``).
-        backend: a name from ``BACKENDS`` or ``"auto"``.
-    Returns:
-        (T, D) in the dtype of ``x_TD``, accumulated in fp32.
-    """
-    chosen = resolve_block_backend(backend, x_TD, w_gate_up_ED2F)
-    if chosen == "tiled":
-        return tiled_experts.experts_combine(x_TD, rows_A, weight_A, counts_E, w_gate_up_ED2F, w_down_EFD,
-                                             grad_scale_A)
-    h_A2F = gather_grouped_mm(x_TD, rows_A, w_gate_up_ED2F, counts_E, backend=chosen)
-    y_AD = grouped_mm(swiglu(h_A2F), w_down_EFD, counts_E, backend=chosen)
-    if grad_scale_A is not None:
-        y_AD = scale_grad(y_AD, grad_scale_A.unsqueeze(1))
-    return scatter_combine(y_AD, rows_A, weight_A, x_TD.shape[0])
-
-
-def grouped_mm(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``gather_grouped_mm`` with rows already grouped by expert."""
-    return gather_grouped_mm(x_AK, None, w_EKN, counts_E, backend=backend)
-
-
-__all__ = [
-    "BACKENDS",
-    "backend_status",
-    "experts_combine",
-    "gather_grouped_mm",
-    "grouped_mm",
-    "resolve_backend",
-    "resolve_block_backend",
-    "scale_grad",
-    "scatter_combine",
-    "swiglu",
-]

@@ -1,17 +1,17 @@
-"""Routers behind one interface (``routing.base``), selectable by name from a recipe."""
+"""The router registry: config name -> router class (every router implements ``moe.routing.base.Router``)."""
 
 from __future__ import annotations
 
-from routing.base import Router, Routing, routing_stats
-from routing.adaptive import AdaptiveRouter
-from routing.grin import GrinRouter
-from routing.top_p import TopPRouter
-from routing.expert_choice import ExpertChoiceRouter
-from routing.gshard import GShardRouter
-from routing.hash import HashRouter
-from routing.sigmoid import SigmoidRouter
-from routing.switch import SwitchRouter
-from routing.topk import TopKRouter
+from moe.routing.base import Router
+from moe.routing.adaptive import AdaptiveRouter
+from moe.routing.grin import GrinRouter
+from moe.routing.top_p import TopPRouter
+from moe.routing.expert_choice import ExpertChoiceRouter
+from moe.routing.gshard import GShardRouter
+from moe.routing.hash import HashRouter
+from moe.routing.sigmoid import SigmoidRouter
+from moe.routing.switch import SwitchRouter
+from moe.routing.topk import TopKRouter
 
 # Config name -> router class. Each class is built by ``build_router`` from the MoE config.
 ROUTERS: dict[str, type[Router]] = {
@@ -40,10 +40,9 @@ def build_router(moe_cfg, hidden_size: int) -> Router:
     """Build the router that ``moe_cfg.router.name`` names, for a layer of width ``hidden_size``.
 
     Args:
-        moe_cfg: a ``moe.config.MoEConfig`` (typed loosely so this package does not import ``moe``).
+        moe_cfg: a ``moe.config.MoEConfig`` (typed loosely: routing sits below the model config).
         hidden_size: D.
     """
     return router_class(moe_cfg.router.name).from_config(moe_cfg, hidden_size)
 
 
-__all__ = ["ROUTERS", "Router", "Routing", "TopKRouter", "build_router", "router_class", "routing_stats"]

@@ -1,1 +1,0 @@
-"""Thin programs over the library: benchmarks, upcycling, Hugging Face import and export."""
