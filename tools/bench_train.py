@@ -50,7 +50,7 @@ def run_one(recipe: str, ep: int, steps: int, peak_tflops: float | None, out: Pa
     timed = rows[2:] or rows
     record["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in timed), 1)
     if all("mfu" in r for r in timed):
-        record["mfu"] = round(statistics.median(r["mfu"] for r in timed), 5)
+        record["mfu"] = float(f"{statistics.median(r['mfu'] for r in timed):.4g}")  # 4 significant digits
     record["final_loss"] = rows[-1]["loss"]
     return record
 
