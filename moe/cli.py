@@ -122,7 +122,7 @@ def _add_model_io_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="Hugging Face folder to write")
     p.add_argument("--num-experts", "--experts", dest="num_experts", type=int, required=True, help="E")
     p.add_argument("--top-k", type=int, required=True, help="experts per token")
-    p.add_argument("--method", required=True, help="copy | neuron-split | drop | granular (ROUTERS.md §7)")
+    p.add_argument("--method", required=True, help="copy | neuron-split | drop | granular (see docs/routers.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of the router init and random splits (default 0)")
     p.add_argument("--layers", default=None, help="which FFNs become MoE: all (default) | every_other | 0,2,4")
     p.add_argument("--no-renormalize", action="store_true",

@@ -21,17 +21,17 @@ class RouterConfig:
 
     name: str = "topk"
     top_k: int = 2
-    # Mixtral: divide the selected probabilities by their sum (ROUTERS.md §1.2). False is softmax-then-top-k (§1.1).
+    # Mixtral: divide the selected probabilities by their sum (docs/routers.md#topk). False is softmax-then-top-k.
     renormalize: bool = True
-    # Switch load-balancing loss α·E·Σ f·P, per layer (ROUTERS.md §0.4a), and how its f is normalised.
+    # Switch load-balancing loss α·E·Σ f·P, per layer (docs/routers.md#load-balancing), and how its f is normalised.
     # null: the named router's own default (topk 0.01 / "assignments", gshard "first_choice", sigmoid 0 —
     # it balances with its bias —, grin 0.001; see each router's docstring).
     aux_loss_coef: float | None = None
     lb_f_normalization: Literal["assignments", "first_choice", "tokens"] | None = None
-    # Router z-loss β·mean(logsumexp²) (ROUTERS.md §0.4b); 0 disables it.
+    # Router z-loss β·mean(logsumexp²) (docs/routers.md#z-loss); 0 disables it.
     z_loss_coef: float = 0.0
     init_std: float = 0.02
-    # Training-only noise (ROUTERS.md §1.7): none | input_jitter (router input × U(1-ε, 1+ε); the experts
+    # Training-only noise (docs/routers.md#jitter): none | input_jitter (router input × U(1-ε, 1+ε); the experts
     # see the clean input) | logit_mult_jitter (logits × U(1-ε, 1+ε)) | gumbel (logits + Gumbel(0, 1)).
     jitter: Literal["none", "input_jitter", "logit_mult_jitter", "gumbel"] = "none"
     jitter_eps: float = 0.01

@@ -1,4 +1,4 @@
-"""Adaptive gating: top-1 for confident tokens, top-2 for uncertain ones (ROUTERS.md §4.1).
+"""Adaptive gating: top-1 for confident tokens, top-2 for uncertain ones (docs/routers.md#adaptive).
 
 Shape legend: T tokens, D model width, E experts, K = 2 slots per token, A assignments.
 
@@ -7,10 +7,10 @@ largest router probabilities differ by at least the threshold ``T_ag`` goes to i
 other token to its first two. ``T_ag = 0`` is top-1 everywhere; ``T_ag > 1`` is top-2 everywhere (GShard's
 "all" second-expert policy).
 
-NOTE (open question, ROUTERS.md §10.1): the paper's weight for a single-expert token is not verified. We
-follow the handbook's design decision: by default (``"gshard"``) it is ``p1/(p1+p2)``, GShard's convention
+NOTE (open question): the paper's weight for a single-expert token is not verified. We follow our design
+decision (docs/routers.md#adaptive): by default (``"gshard"``) it is ``p1/(p1+p2)``, GShard's convention
 for a skipped second expert, which keeps a task gradient for the router. ``"one"`` renormalizes over the
-selected set (weight exactly 1, zero task gradient, ROUTERS.md §1.2) and ``"raw"`` uses ``p1``. Two-expert
+selected set (weight exactly 1, zero task gradient, as renormalized top-1) and ``"raw"`` uses ``p1``. Two-expert
 tokens always use ``p1/(p1+p2), p2/(p1+p2)``.
 """
 
@@ -31,7 +31,7 @@ class AdaptiveOptions:
 
     Attributes:
         threshold: ``T_ag``; a token with ``p1 - p2 >= threshold`` (raw softmax probabilities, not the
-            renormalized pair) gets one expert. Task-dependent in the paper; 0.1 is our default [D].
+            renormalized pair) gets one expert. Task-dependent in the paper; 0.1 is our default.
         single_expert_weight: the weight of a single-expert token: ``"gshard"`` p1/(p1+p2), ``"one"``, ``"raw"`` p1.
     """
 
@@ -50,7 +50,7 @@ def mean_k_capacity_factor(capacity_factor: float | None, indices_TK: torch.Tens
     """The factor that makes ``token_choice_routing``'s ``C = ceil(cf'·K·T/E)`` equal ``ceil(cf·k̄·T/E)``.
 
     Variable-k routers size the capacity by the group's mean experts per token ``k̄ = A/T`` instead of their
-    slot width K (ROUTERS.md §4.1 [D]), i.e. ``C = ceil(cf·A/E)``: the capacity factor keeps its meaning of
+    slot width K (our choice), i.e. ``C = ceil(cf·A/E)``: the capacity factor keeps its meaning of
     "slots per expert relative to the load actually asked for". (Equal up to float rounding of ``cf·A/E``.)
 
     Args:
@@ -69,7 +69,7 @@ class AdaptiveRouter(TokenChoiceRouter):
 
     The common ``router.top_k`` and ``router.renormalize`` do not apply (a token gets 1 or 2 experts, with the
     weights above); ``self.top_k = 2`` is the most a token can get. The load-balancing ``f`` follows
-    ``router.lb_f_normalization`` over the variable set (ROUTERS.md suggests ``first_choice`` for this router).
+    ``router.lb_f_normalization`` over the variable set (docs/routers.md#adaptive: ``first_choice`` suits it too).
     With a capacity factor, C is sized by the group's mean experts per token (see ``mean_k_capacity_factor``).
 
     Args:
@@ -102,7 +102,7 @@ class AdaptiveRouter(TokenChoiceRouter):
         top2_TK = topk_indices(logits_TE, 2)  # ties towards the lower index
         with torch.no_grad():
             p_TK = probs_TE.gather(1, top2_TK)
-            # The threshold reads the raw softmax probabilities, not the renormalized pair (§4.1 pitfall).
+            # The threshold reads the raw softmax probabilities, not the renormalized pair (Li et al. 2023).
             single_T = (p_TK[:, 0] - p_TK[:, 1]) >= opts.threshold
         pair_w_TK = torch.softmax(logits_TE.gather(1, top2_TK), dim=-1)  # p_i / (p1 + p2), stably
         if opts.single_expert_weight == "gshard":

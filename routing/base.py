@@ -30,7 +30,7 @@ class Routing:
         stats: name -> detached tensor, for logs (load, entropy, dropped fraction, ...).
         expert_grad_scale: None (ordinary gradients), or (A,) detached: the gradient flowing back into each
             assignment's expert output is multiplied by it, the forward value unchanged. GRIN's SparseMixer-v2
-            gives ``1/s`` so that the experts learn from ``p·FFN`` while the forward is ``s·p·FFN`` (ROUTERS.md §5.3).
+            gives ``1/s`` so that the experts learn from ``p·FFN`` while the forward is ``s·p·FFN`` (GRIN, Algorithm 1).
     """
 
     token_index: torch.Tensor

@@ -1,4 +1,4 @@
-"""Expert capacity for token-choice routers (ROUTERS.md §0.5).
+"""Expert capacity for token-choice routers (docs/routers.md#capacity).
 
 Shape legend: T tokens, E experts, K slots per token.
 

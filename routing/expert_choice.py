@@ -1,4 +1,4 @@
-"""Expert Choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"; ROUTERS.md §2).
+"""Expert Choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
 
 Shape legend: T tokens, D model width, E experts, G routing groups, N tokens per group, C tokens per expert
 per group (the capacity), A assignments (= G·E·C in top-C mode).
@@ -15,7 +15,7 @@ Causality. Whether expert ``e`` takes token ``t`` depends on ``S[t', e]`` for ev
 *including later tokens of the same sequence*: a causal language model can learn to read the future from its
 own routing. Every model of this library is a causal decoder, so building this router raises ``ValueError``
 unless ``router.options.allow_causal_leak: true``. ``group: microbatch`` (the default) mixes the B sequences
-of a micro-batch in one group, which dilutes but does not remove the leak (ROUTERS.md §2, practice 2);
+of a micro-batch in one group, which dilutes but does not remove the leak (the paper's limitations section suggests it);
 ``group: sequence`` makes each sequence its own group (the strongest leak, but no dependence on the other
 sequences of the batch).
 
@@ -26,7 +26,7 @@ Inference (``eval()``), chosen by ``router.options.eval_routing``:
   included. Generation one token at a time is a *different* function: the group holds only the B new tokens,
   so ``C = min(B, max(1, min_capacity, ...))`` and, as soon as ``B ≤ min_capacity``, every expert takes every
   token (E experts per token instead of about c).
-* ``threshold``: causal inference (ROUTERS.md §2, practice 3). Token ``t`` goes to expert ``e`` iff
+* ``threshold``: causal inference (our design; docs/routers.md#expert_choice). Token ``t`` goes to expert ``e`` iff
   ``S[t, e] ≥ τ_e``, where ``τ_e`` is an exponential moving average of the C-th largest ``S[:, e]`` per training
   group. The per-step mean is accumulated during training forwards and folded into ``τ`` in
   ``on_optimizer_step`` (summed over data-parallel ranks, so ``τ`` is identical everywhere). Routing a token
@@ -49,14 +49,14 @@ from moe.routing.base import Routing, routing_stats
 from moe.routing.linear import LinearRouter
 from moe.routing.losses import z_loss
 
-# ROUTERS.md §2 defaults: c = 2 ("EC-CF2", the compute of top-2 token choice) [R].
+# The paper's default: c = 2 ("EC-CF2", the compute of top-2 token choice).
 DEFAULT_CAPACITY_FACTOR = 2.0
 
 CAUSAL_LEAK_MESSAGE = (
     "expert_choice routing is not causal: each expert takes its top-C tokens of the whole routing group, so "
     "future tokens of the same sequence decide which earlier tokens an expert takes, and a causal language "
-    "model can learn to read the future from its own routing (ROUTERS.md §2). Every model of this library is a "
-    "causal decoder; set router.options.allow_causal_leak: true to train it anyway (and consider "
+    "model can learn to read the future from its own routing (docs/routers.md#expert_choice). Every model of "
+    "this library is a causal decoder; set router.options.allow_causal_leak: true to train it anyway (and consider "
     "router.options.eval_routing: threshold for causal inference)"
 )
 
@@ -175,7 +175,7 @@ class ExpertChoiceRouter(LinearRouter):
         opts: Options = rc.router_options()
         # NOTE: top_k, renormalize and aux_loss_coef do not apply: the number of experts per token follows from
         # the capacity factor, the gate is S[t, e] itself, and a load-balancing loss is meaningless when every
-        # expert takes exactly C tokens (ROUTERS.md §2: the reference returns aux = 0).
+        # expert takes exactly C tokens (the Flaxformer reference returns aux = 0).
         return cls(
             hidden_size=hidden_size,
             num_experts=moe_cfg.num_experts,
@@ -195,7 +195,7 @@ class ExpertChoiceRouter(LinearRouter):
                 seq_len: int | None = None) -> Routing:
         T = x_TD.shape[0]
         E = self.num_experts
-        # NOTE: router maths in fp32 (ROUTERS.md §0.3): bf16 scores tie and flip the top-C choice.
+        # NOTE: router maths in fp32 (docs/routers.md#precision-and-ties): bf16 scores tie and flip the top-C choice.
         logits_TE = self.router_logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
 
@@ -212,7 +212,7 @@ class ExpertChoiceRouter(LinearRouter):
             tokens_per_expert_E = torch.bincount(expert_A, minlength=E)
             experts_per_token_T = torch.bincount(token_A, minlength=T)
             # No assignment is ever dropped (dropped_fraction = 0); the expert-choice form of dropping is a token
-            # that no expert takes, reported as zero_expert_fraction (ROUTERS.md §2: monitor it).
+            # that no expert takes, reported as zero_expert_fraction (monitor it).
             stats = routing_stats(probs_TE, tokens_per_expert_E, T)
             counts_T = experts_per_token_T.float() if T else experts_per_token_T.new_zeros(1, dtype=torch.float32)
             stats["zero_expert_fraction"] = (counts_T == 0).float().mean() if T else counts_T.sum()

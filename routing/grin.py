@@ -1,4 +1,4 @@
-"""GRIN: the SparseMixer-v2 gradient estimator for top-k routing (ROUTERS.md §5.2–§5.5, §5.8).
+"""GRIN: the SparseMixer-v2 gradient estimator for top-k routing (docs/routers.md#grin).
 
 Shape legend: T tokens, D model width, E experts, K = top_k sampling steps per token, A assignments.
 
@@ -15,12 +15,12 @@ logits that the earlier steps left (Algorithm 3):
 4. the weight's forward value is ``s·π_D``; its backward is the closed form
    ``∂L/∂z_j = g·π_D·(1[j = D] - π_j)`` with ``g = ∂L/∂w`` (no factor s; zero for masked experts).
 
-The K weights are summed by the layer, never renormalized. Expert gradient ([X], ROUTERS.md §5.3): the paper's
+The K weights are summed by the layer, never renormalized. Expert gradient (paper and code disagree): the paper's
 ``y = h + stopgrad(s·h - h)`` gives the experts the gradient of ``π_D·FFN_D``, which the router asks of the
 layer through ``Routing.expert_grad_scale = 1/s``; ``expert_grad_follows_reference_code=True`` gives the
 reference code's ``s·π_D·JᵀG`` instead.
 
-Not implemented: SparseMixer-v2* (§5.6) and v1 (§5.7), which the handbook marks optional.
+Not implemented: SparseMixer-v2* (the paper's temperature-2 variant) and SparseMixer v1 (Liu et al. 2023).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ FIRST_ORDER_PROB = 0.25  # P(B = 1): Heun's rule weights f'(pE) by 1/4 and f'(pE
 class GrinOptions:
     """``router.options`` of the ``grin`` router. GRIN's own settings come from the common fields:
     ``top_k: 2``, ``jitter_eps: 0.01`` (ε, the masking tolerance), ``jitter: none``, dropless
-    (``moe.capacity_factor: null``), and ``aux_loss_coef: 0.001`` (the HF ``PhimoeConfig`` default, §5.8 —
-    the common default 0.01 is not GRIN's, so a GRIN recipe sets it).
+    (``moe.capacity_factor: null``), and ``aux_loss_coef: 0.001`` (the HF ``PhimoeConfig`` default, and
+    this router's own when ``router.aux_loss_coef`` is null).
 
     Attributes:
         expert_grad_follows_reference_code: False (default) gives the experts the gradient of ``π_D·FFN_D``
@@ -76,7 +76,7 @@ def first_argmax(scores_TE: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sparsemixer_mask(logits_TE: torch.Tensor, available_TE: torch.Tensor, eps: float) -> torch.Tensor:
-    """(T, E) bool: the available experts within the tolerance band of the largest available logit (§5.2).
+    """(T, E) bool: the available experts within the tolerance band of the largest available logit (GRIN, Appendix A).
 
     ``keep_i ⇔ z* - z_i <= 2ε·max(|z_i|, z*)``: the experts that multiplicative jitter of relative size ε
     could make the argmax. The comparison is multiplicative so that ``z* = z_i = 0`` is kept, not ``0/0``.
@@ -156,8 +156,8 @@ def sparsemixer_v2(logits_TE: torch.Tensor, top_k: int, eps: float,
 class GrinRouter(TokenChoiceRouter):
     """Linear router ``z = W x`` with SparseMixer-v2 sampling in training and masked-softmax top-k at inference.
 
-    Dropless only (GRIN trained with no capacity factor, §5.9), and no router noise: SparseMixer samples its own.
-    The common ``router.renormalize`` does not apply: the K weights are never renormalized (§5.10 pitfall 1).
+    Dropless only (GRIN trained with no capacity factor), and no router noise: SparseMixer samples its own.
+    The common ``router.renormalize`` does not apply: the K weights are never renormalized (it changes the model).
 
     Args:
         hidden_size: D.
@@ -166,7 +166,7 @@ class GrinRouter(TokenChoiceRouter):
         options: the router's own settings.
         eps: ε, the masking tolerance (``router.jitter_eps``; GRIN and Phi-3.5-MoE: 0.01).
         aux_loss_coef: α of the load-balancing loss (GRIN: 0.001); ``P`` is the full, unmasked softmax.
-        lb_f_normalization: how its ``f`` is normalised (ROUTERS.md §0.4a).
+        lb_f_normalization: how its ``f`` is normalised (docs/routers.md#load-balancing).
         z_loss_coef: β of the z-loss (GRIN used none; 0 by default).
         init_std: std of the normal init of ``W``.
     """
@@ -215,7 +215,7 @@ class GrinRouter(TokenChoiceRouter):
                 seq_len: int | None = None) -> Routing:
         K = self.top_k
         # NOTE: fp32 router maths (float64 for float64 inputs): the mask band and the Gumbel samples are biased
-        # in bf16 (§5.10 pitfall 4).
+        # in bf16 (docs/routers.md#precision-and-ties).
         logits_TE = self.router_logits(x_TD)
         experts_TK, weights_TK, scale_TK = sparsemixer_v2(logits_TE, K, self.eps, self.training)
         probs_TE = torch.softmax(logits_TE, dim=-1)  # full and unmasked: P of the LB loss, the entropy stat

@@ -1,4 +1,4 @@
-"""GShard top-2 routing with the second-expert policies of Mesh-TF / Lingvo (ROUTERS.md §1.5).
+"""GShard top-2 routing with the second-expert policies of Mesh-TF / Lingvo (docs/routers.md#gshard).
 
 Shape legend: T tokens, D model width, E experts, K = 2 slots per token, A assignments.
 
@@ -34,7 +34,7 @@ class GShardOptions:
 
     # Which second choices are kept in training (Mesh-TF: random).
     second_policy: SecondPolicy = "random"
-    # ... and in eval(). Mesh-TF uses random at eval too; "all" keeps eval deterministic [D].
+    # ... and in eval(). Mesh-TF uses random at eval too; "all" keeps eval deterministic (our choice).
     second_policy_eval: SecondPolicy = "all"
     # τ2 of the threshold and random policies.
     second_threshold: float = 0.2

@@ -1,4 +1,4 @@
-"""Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models"; ROUTERS.md §3).
+"""Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models"; docs/routers.md#hash).
 
 Shape legend: T tokens, D model width, E experts, V vocabulary, N hash functions, A assignments.
 
@@ -19,7 +19,7 @@ Hash functions (``router.options.hash_function``):
   numbers) or ``HashRouter.fit_balanced(counts_V)``; until then the table holds -1 and ``forward`` raises.
 * ``token_id``: ``H[v] = v mod E``.
 
-MultiHash (``num_hashes = N > 1``, random tables only, rows 1..N-1 continue the same generator): ROUTERS.md §3
+MultiHash (``num_hashes = N > 1``, random tables only, rows 1..N-1 continue the same generator): the paper
 describes N hashes each selecting one *segment* of the hidden units of an expert, so that compute equals one
 expert. Our experts are whole SwiGLU FFNs behind a flat assignment list, so a token is instead sent to the
 distinct experts ``{H_s[v_t]}`` with weight ``(number of hashes that chose e) / N``: the output is the average
@@ -177,7 +177,7 @@ class HashRouter(Router):
         else:
             table_NV = torch.full((1, vocab_size), -1, dtype=torch.int64)  # -1: not fitted yet
         # NOTE: a persistent buffer, so the table travels with every checkpoint: regenerating it at load time
-        # would silently reroute every token if the generator, seed or tokenizer differed (ROUTERS.md §3).
+        # would silently reroute every token if the generator, seed or tokenizer differed (docs/routers.md#hash).
         self.register_buffer("table", table_NV)
         if token_counts is not None:
             self.fit_balanced(token_counts)

@@ -1,4 +1,4 @@
-"""Training-only router noise (ROUTERS.md §1.7), chosen by name from ``RouterConfig.jitter``.
+"""Training-only router noise (docs/routers.md#jitter), chosen by name from ``RouterConfig.jitter``.
 
 Shape legend: T tokens, D model width, E experts.
 

@@ -23,7 +23,7 @@ class LinearRouter(Router):
         hidden_size: D.
         num_experts: E.
         init_std: std of the normal init of ``W``.
-        jitter: training-only noise, one of ``moe.routing.jitter.JITTERS`` (ROUTERS.md §1.7).
+        jitter: training-only noise, one of ``moe.routing.jitter.JITTERS`` (docs/routers.md#jitter).
         jitter_eps: its ε.
     """
 

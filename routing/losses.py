@@ -1,4 +1,4 @@
-"""Auxiliary losses shared by routers (ROUTERS.md §0.4). Each is computed for one layer.
+"""Auxiliary losses shared by routers (docs/routers.md#load-balancing, #z-loss). Each is computed for one layer.
 
 Shape legend: T tokens, E experts, K slots per token.
 """
@@ -31,7 +31,7 @@ def load_balancing_loss(
         probs_TE: (T, E) router probabilities, fp32.
         indices_TK: (T, K) chosen experts before dropping; -1 marks an empty slot.
         num_experts: E.
-        normalization: how f is normalised (ROUTERS.md §0.4a).
+        normalization: how f is normalised (docs/routers.md#load-balancing).
     Returns:
         scalar fp32 tensor (float64 for float64 probabilities).
     """

@@ -1,5 +1,6 @@
-"""DeepSeek-V3 sigmoid gating (ROUTERS.md §1.3) with auxiliary-loss-free load balancing (§4.3), optional
-group-limited routing and the sequence-wise auxiliary loss (§0.4a).
+"""DeepSeek-V3 sigmoid gating ("DeepSeek-V3 Technical Report", 2024, §2.1.2) with auxiliary-loss-free load
+balancing (Wang et al. 2024), optional group-limited routing and the sequence-wise auxiliary loss
+(docs/routers.md#sigmoid).
 
 Shape legend: T tokens, D model width, E experts, K = top_k slots per token, G expert groups,
 B sequences (T = B·S), A assignments.
@@ -31,13 +32,13 @@ from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing, to
 class SigmoidOptions:
     """``router.options`` of the ``sigmoid`` router; defaults are DeepSeek-V3's except the groups."""
 
-    # Multiplies the normalised weights (V3: 2.5). Forgetting it changes the output scale (§1.3 pitfall 5).
+    # Multiplies the normalised weights (V3: 2.5). Forgetting it changes the output scale 2.5-fold.
     route_scale: float = 2.5
     # Group-limited routing: E splits into n_groups contiguous groups and each token may only use experts of
     # its topk_groups best groups. V3 uses 8 / 4 with E = 256; 1 / 1 (off) here because it depends on E.
     n_groups: int = 1
     topk_groups: int = 1
-    # Auxiliary-loss-free balancing (§4.3): a per-expert selection bias, updated after each optimizer step.
+    # Auxiliary-loss-free balancing (Wang et al. 2024): a per-expert selection bias, updated after each optimizer step.
     loss_free_bias: bool = True
     # u of the update b ← b + u·sign(mean(c) − c). V3: 1e-3 (0 for its last 500B tokens: b frozen, still used).
     bias_update_rate: float = 1e-3
@@ -83,7 +84,7 @@ class SigmoidRouter(TokenChoiceRouter):
         if self.z_loss_coef != 0:
             raise ValueError(
                 f"router.z_loss_coef must be 0 for the sigmoid router (the z-loss is defined for softmax routers "
-                f"only, ROUTERS.md §1.3), got {self.z_loss_coef}"
+                f"only), got {self.z_loss_coef}"
             )
         if E % opts.n_groups:
             raise ValueError(f"router.options.n_groups={opts.n_groups} must divide moe.num_experts={E}")
@@ -112,7 +113,7 @@ class SigmoidRouter(TokenChoiceRouter):
 
     def _apply(self, fn, recurse: bool = True):
         # NOTE: model.to(torch.bfloat16) / .half() / .double() would cast the bias like any float buffer
-        # (ROUTERS.md §4.3 pitfall 3, vLLM PR 23640). Follow the device move, keep the fp32 values.
+        # (vLLM PR 23640; docs/routers.md#sigmoid). Follow the device move, keep the fp32 values.
         bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
         moved = self.e_score_correction_bias
@@ -155,7 +156,7 @@ class SigmoidRouter(TokenChoiceRouter):
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         weights_TK = self.options.route_scale * weights_TK
-        # The distribution the balance losses use: sum-normalised scores s' (ROUTERS.md §0.4a).
+        # The distribution the balance losses use: sum-normalised scores s' (docs/routers.md#load-balancing).
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
 
         with torch.no_grad():

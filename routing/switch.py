@@ -1,11 +1,11 @@
-"""Switch Transformer top-1 routing (ROUTERS.md §1.4).
+"""Switch Transformer top-1 routing (Fedus et al., "Switch Transformers", 2021, §2.1–§2.2).
 
 Shape legend: T tokens, D model width, E experts, A assignments.
 
     p = softmax(W x) in fp32,   i = argmax p,   y = p_i · FFN_i(x)
 
 The gate ``p_i`` is **not** renormalised: it is the router's only task-gradient path (renormalised, it is
-exactly 1 and the router would learn from the auxiliary loss alone, §1.2). Capacity ``C = ceil(cf·T/E)``
+exactly 1 and the router would learn from the auxiliary loss alone; docs/routers.md#topk). Capacity ``C = ceil(cf·T/E)``
 (the common formula with k = 1) keeps tokens in token order; a dropped token's MoE output is 0 and it
 passes through the residual only. The load-balancing loss ``α·E·Σ_e f_e·P_e`` takes ``f`` from the
 decision before dropping and its gradient flows through ``P`` only.
@@ -45,6 +45,6 @@ class SwitchRouter(TopKRouter):
         if rc.renormalize:
             raise ValueError(
                 "router.renormalize must be false for the switch router: a renormalised top-1 weight is "
-                "exactly 1 and gives the router no task gradient (ROUTERS.md §1.2)"
+                "exactly 1 and gives the router no task gradient"
             )
         return super().kwargs_from_config(moe_cfg, hidden_size)

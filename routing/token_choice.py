@@ -1,5 +1,5 @@
 """The part every token-choice router shares: its settings and losses (``TokenChoiceRouter``), pick the
-top-k, then turn ``(indices_TK, weights_TK)`` plus capacity into a ``Routing`` (ROUTERS.md §0.2, §0.5, §0.6).
+top-k, then turn ``(indices_TK, weights_TK)`` plus capacity into a ``Routing`` (docs/routers.md#capacity).
 
 Shape legend: T tokens, D model width, E experts, K slots per token, A assignments.
 
@@ -48,7 +48,7 @@ class TokenChoiceRouter(LinearRouter):
         top_k: K, the most experts a token can get.
         options: the router's ``Options`` (None: their defaults).
         aux_loss_coef: α of the Switch load-balancing loss (0 disables it).
-        lb_f_normalization: how its ``f`` is normalised (ROUTERS.md §0.4a).
+        lb_f_normalization: how its ``f`` is normalised (docs/routers.md#load-balancing).
         z_loss_coef: β of the router z-loss (0 disables it).
         capacity_factor: None for dropless; else the training capacity factor.
         eval_capacity_factor: capacity factor in ``eval()`` mode (None: dropless).
@@ -140,10 +140,11 @@ class TokenChoiceRouter(LinearRouter):
 
 @torch.no_grad()
 def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
-    """(T, k) indices of the k largest scores per row, ties broken towards the lower expert index.
+    """(T, k) indices of the k largest scores per row, ties broken towards the lower expert index
+    (docs/routers.md#precision-and-ties).
 
-    A stable descending sort gives the tie-break that ``torch.topk`` does not promise (ROUTERS.md §0.1);
-    ``-inf`` scores sort last. Fast path: ``torch.topk`` of k+1 scores, whose answer is the sort's whenever
+    A stable descending sort gives the tie-break that ``torch.topk`` does not promise; ``-inf`` scores sort last.
+    Fast path: ``torch.topk`` of k+1 scores, whose answer is the sort's whenever
     none of those k+1 values repeats (the usual case for continuous scores); rows are sorted only if one
     does (with E=64 the full sort took 5 ms of a 300 ms layer step on the development CPU).
     """

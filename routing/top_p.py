@@ -1,4 +1,4 @@
-"""Dynamic top-p routing: as many experts as it takes to cover probability mass θ (ROUTERS.md §4.2).
+"""Dynamic top-p routing: as many experts as it takes to cover probability mass θ (docs/routers.md#top_p).
 
 Shape legend: T tokens, D model width, E experts, K = max_experts slots per token, A assignments.
 
@@ -86,7 +86,7 @@ class TopPRouter(TokenChoiceRouter):
 
     The common ``router.top_k`` and ``router.renormalize`` do not apply; ``self.top_k`` is ``max_experts``, the
     most a token can get. The load-balancing ``f`` uses ``router.lb_f_normalization`` over the variable set
-    (``"assignments"``, the default, gives Σf = 1, as ROUTERS.md §4.2 suggests). With a capacity factor, C is
+    (``"assignments"``, the default, gives Σf = 1; docs/routers.md#load-balancing). With a capacity factor, C is
     sized by the group's mean experts per token (``moe.routing.adaptive.mean_k_capacity_factor``).
 
     Args:

@@ -1,4 +1,4 @@
-"""Token-choice top-k router with softmax (ROUTERS.md §1.1, §1.2).
+"""Token-choice top-k router with softmax (docs/routers.md#topk).
 
 Shape legend: T tokens, D model width, E experts, K = top_k slots per token, A assignments.
 
@@ -36,7 +36,7 @@ class TopKRouter(TokenChoiceRouter):
         indices_TK = topk_indices(self.jitter.selection(logits_TE), self.top_k)
         if self.renormalize:
             # softmax over the selected logits == selected probabilities / their sum (the full normaliser
-            # cancels), and for k=1 it is exactly 1 with exactly zero gradient, as ROUTERS.md §1.2 states.
+            # cancels), and for k=1 it is exactly 1 with exactly zero gradient.
             weights_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
         else:
             weights_TK = probs_TE.gather(1, indices_TK)

@@ -150,7 +150,7 @@ def _model_config_from_hf(raw: dict[str, Any], where: str) -> ModelConfig:
         qk_norm=mt in ("qwen3", "qwen3_moe"),
         moe=None,
     )
-    # Training-only: HF's load-balancing loss counts each token once per chosen expert (ROUTERS.md §0.4a).
+    # Training-only: HF's load-balancing loss counts each token once per chosen expert (docs/routers.md#load-balancing).
     router = dict(aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.001)), lb_f_normalization="tokens")
     if mt == "mixtral":
         kw["moe"] = MoEConfig(

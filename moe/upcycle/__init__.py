@@ -1,4 +1,4 @@
-"""Upcycling: turn a dense model's SwiGLU FFNs into Mixture-of-Experts layers (ROUTERS.md §6.7, §7).
+"""Upcycling: turn a dense model's SwiGLU FFNs into Mixture-of-Experts layers (docs/routers.md#upcycling).
 
 Shape legend: D model width, F dense FFN width, E (= N) experts, k top-k, M expert width, G granularity.
 
@@ -13,25 +13,25 @@ Methods (``UPCYCLE_METHODS``), their options (``moe.upcycle.options``) and when 
 ("exact": the upcycled model's logits equal the dense model's at init, up to rounding; assumes the topk
 router, dropless, no jitter):
 
-``copy`` - Sparse Upcycling (Komatsuzaki et al.; §7.1)
+``copy`` - Sparse Upcycling (Komatsuzaki et al., ICLR 2023)
     Every expert is an identical copy of the dense FFN; router ``router_init`` (default ``normal``,
-    N(0, init_std²), §6.7). Exact with top-k-then-softmax (``router.renormalize=True``): the weights sum
+    N(0, init_std²)). Exact with top-k-then-softmax (``router.renormalize=True``): the weights sum
     to 1. With softmax-then-top-k the FFN output is scaled by the selected probability mass (about k/E).
     ``noise_std``/``noise_ratio`` add the Drop-Upcycling repository's "noise upcycling" baseline (off by default;
     not part of the recipe, and not exact).
-``neuron-split`` - LLaMA-MoE neuron partitioning (Zhu et al.; §7.2)
+``neuron-split`` - LLaMA-MoE neuron partitioning (Zhu et al. 2024)
     The F intermediate neurons are partitioned into E disjoint sets of F/E (``split=random``: a seeded balanced
     shuffle; ``split=clustering``: size-constrained k-means on the L2-normalised rows of W_up or W_gate,
     ``metric`` l2 or cos); expert e keeps gate/up rows and down columns of its set. Output scale ``scale``
     (default E/k, the released runs; a heuristic) on the down projection. Since the FFN is a sum over
     neurons, the experts sum to the dense FFN; the model is exact only for k = E with weights 1/E
     (``router_init=zero``) and ``scale=E``. For k < E nothing is exact.
-``drop`` - Drop-Upcycling (Nakamura et al.; §7.3)
+``drop`` - Drop-Upcycling (Nakamura et al., ICLR 2025)
     Copies, then per expert floor(ratio·F) neurons (default ratio 0.5; one index set per expert, or one per
     matrix with ``independent_indices_per_matrix=True`` as the released script) are re-drawn from N(μ, σ²) of
     their dense matrix (statistics and draws in fp32 or wider). Router default ``uniform`` (std init_std).
     Exact only for ratio = 0 with renormalised top-k (it then equals ``copy`` with the same router_init).
-``granular`` - NVIDIA "Upcycling LLMs into MoE" (He et al.; §7.4)
+``granular`` - NVIDIA "Upcycling LLMs into MoE" (He et al. 2024)
     Granularity G: expert width F/G, expert e = contiguous shard ``e mod G``; N % G must be 0. With
     ``virtual_groups`` (default) router rows are tied in groups of G (expert e uses row floor(e/G)). Weight
     scaling ``a`` (``scale``; default G for top-k-then-softmax, N·G/k for softmax-then-top-k) goes on the down

@@ -4,8 +4,8 @@ Shape legend: D model width, F dense FFN width, E experts, M expert width, G gra
 
 The new model is built on the meta device and every tensor is then assigned exactly once: non-FFN tensors
 (and the FFNs of layers that stay dense) as clones of the dense model's, the converted layers' experts from
-``moe.upcycle.methods``, and their routers built for real and initialised per ROUTERS.md §6.7. A final check
-refuses to return a model with any tensor left unassigned.
+``moe.upcycle.methods``, and their routers built for real and initialised per docs/routers.md#router-init. A final
+check refuses to return a model with any tensor left unassigned.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ LayerSelection = str | Sequence[int] | None
 
 
 def select_layers(layers: str | Sequence[int], num_layers: int, every_other_offset: int = 1) -> list[int]:
-    """Resolve a layer selection (ROUTERS.md §7.0) to sorted layer indices.
+    """Resolve a layer selection (docs/routers.md#upcycling-contract) to sorted layer indices.
 
     Args:
         layers: ``"all"``, ``"every_other"`` (layers offset, offset+2, ...) or a list of layer indices.
@@ -167,7 +167,7 @@ def _output_scale(method: str, opts: MethodOptions, moe_cfg: MoEConfig) -> float
             raise ValueError(f"granular: the default scale is derived for the topk router only; set scale= "
                              f"explicitly for router {moe_cfg.router.name!r}")
         G = opts.granularity
-        return float(G) if moe_cfg.router.renormalize else E * G / k  # ROUTERS.md §7.4 weight scaling
+        return float(G) if moe_cfg.router.renormalize else E * G / k  # He et al. 2024's weight scaling
     return 1.0
 
 
@@ -185,12 +185,12 @@ def _check_target(method: str, opts: MethodOptions, moe_cfg: MoEConfig, dense_cf
     if isinstance(opts, GranularOptions) and k % opts.granularity:
         warnings.warn(f"granular: top_k={k} is not a multiple of granularity={opts.granularity}; top-k selects "
                       "partial virtual groups, so the upcycled model does not start at the dense function "
-                      "(ROUTERS.md §7.4)", UserWarning, stacklevel=3)
+                      "(see docs/routers.md)", UserWarning, stacklevel=3)
     if (isinstance(opts, (CopyOptions, DropOptions)) and moe_cfg.router.name == "topk"
             and not moe_cfg.router.renormalize):
         logger.warning("%s with softmax-then-top-k scales each FFN output by the selected probability mass "
                        "(about k/E) at step 0; the granular method with granularity=1 applies the weight "
-                       "scaling of ROUTERS.md §7.4", method)
+                       "scaling of He et al. 2024 (see docs/routers.md)", method)
     return _output_scale(method, opts, moe_cfg)
 
 
@@ -293,7 +293,7 @@ def upcycle_with_report(dense_model: MoEModel, moe_cfg: MoEConfig, method: str, 
              if not name.startswith(converted)}
     report = UpcycleReport(method=method, seed=seed, options=options_dict(opts))
 
-    # 2. Converted layers: experts from the method, a fresh router (ROUTERS.md §6.7).
+    # 2. Converted layers: experts from the method, a fresh router (docs/routers.md#router-init).
     for i in selected:
         mlp = dense_model.layers[i].mlp
         experts = _convert_layer(method, opts, mlp, moe_cfg, scale, _generator(seed, i, "experts"))
@@ -338,8 +338,8 @@ def upcycle_with_report(dense_model: MoEModel, moe_cfg: MoEConfig, method: str, 
 
 def upcycle(dense_model: MoEModel, moe_cfg: MoEConfig, method: str, *, seed: int, layers: LayerSelection = None,
             every_other_offset: int = 1, **options: Any) -> MoEModel:
-    """A new MoE model from a dense one (ROUTERS.md §7): the chosen layers' FFNs become experts by ``method``,
-    every other tensor is copied bitwise. The dense model is not modified.
+    """A new MoE model from a dense one (docs/routers.md#upcycling): the chosen layers' FFNs become experts by
+    ``method``, every other tensor is copied bitwise. The dense model is not modified.
 
     Args:
         dense_model: a ``MoEModel`` whose config has ``moe: null``.

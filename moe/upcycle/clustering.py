@@ -1,4 +1,4 @@
-"""Balanced partitions of the FFN's neurons for LLaMA-MoE expert construction (ROUTERS.md §7.2).
+"""Balanced partitions of the FFN's neurons for LLaMA-MoE expert construction (docs/routers.md#neuron-split).
 
 Shape legend: F neurons (rows to partition), D row width, E parts, M = F/E members per part.
 

@@ -1,4 +1,4 @@
-"""Dense SwiGLU FFN -> E experts, one pure function per upcycling method (ROUTERS.md §7), plus router init.
+"""Dense SwiGLU FFN -> E experts, one pure function per upcycling method (docs/routers.md#upcycling), plus router init.
 
 Shape legend: D model width, F dense FFN width, E experts, M expert width (F for copy and drop, F/E for
 neuron-split, F/G for granular), G granularity.
@@ -6,9 +6,10 @@ neuron-split, F/G for granular), G granularity.
 Inputs are the dense weights in ``nn.Linear`` layout, as ``moe.ffn.SwiGLU`` holds them: ``gate_FD`` and
 ``up_FD`` (one row per intermediate neuron) and ``down_DF`` (one column per neuron). Outputs are stacked in
 the same layout, ``gate_EMD``, ``up_EMD``, ``down_EDM``, each a fresh allocation (never an ``expand`` view of
-the dense tensor: experts sharing storage would receive the same in-place optimizer update, §7.0).
+the dense tensor: experts sharing storage would receive the same in-place optimizer update,
+docs/routers.md#upcycling-contract).
 Random draws come from the CPU generator passed in and are made in fp32 (float64 for float64 weights),
-then cast, so that bf16 weights are not re-initialised in bf16 (§7.3 pitfalls).
+then cast, so that bf16 weights are not re-initialised in bf16.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _draw_dtype(w: torch.Tensor) -> torch.dtype:
 
 
 def copy_experts(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, num_experts: int) -> ExpertWeights:
-    """Sparse upcycling (§7.1): E identical copies, bitwise, in fresh storage."""
+    """Sparse upcycling (Komatsuzaki et al., ICLR 2023): E identical copies, bitwise, in fresh storage."""
     E = num_experts
     return ExpertWeights(
         gate_EMD=gate_FD.detach().unsqueeze(0).repeat(E, 1, 1),  # repeat copies; expand would alias
@@ -73,7 +74,8 @@ def neuron_partition(
     gate_FD: torch.Tensor, up_FD: torch.Tensor, num_experts: int, *, split: str, proj_type: str = "up",
     metric: str = "l2", max_iter: int = 500, generator: torch.Generator,
 ) -> torch.Tensor:
-    """LLaMA-MoE index sets (§7.2): (E, F/E) int64, row e the sorted neurons of expert e, disjoint, covering."""
+    """LLaMA-MoE index sets (Zhu et al. 2024): (E, F/E) int64, row e the sorted neurons of expert e, disjoint,
+    covering."""
     F = gate_FD.shape[0]
     if split == "random":
         return random_partition(F, num_experts, generator)
@@ -100,8 +102,9 @@ def split_experts(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Ten
 
 def drop_experts(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, num_experts: int, *,
                  ratio: float, independent_indices_per_matrix: bool, generator: torch.Generator) -> ExpertWeights:
-    """Drop-Upcycling (§7.3): copies, then per expert floor(r·F) neurons re-drawn from N(μ, σ²) of the dense
-    matrix they belong to (μ, σ per matrix, over the whole dense matrix, computed in fp32 or wider).
+    """Drop-Upcycling (Nakamura et al., ICLR 2025): copies, then per expert floor(r·F) neurons re-drawn from
+    N(μ, σ²) of the dense matrix they belong to (μ, σ per matrix, over the whole dense matrix, computed in fp32
+    or wider).
 
     With ``independent_indices_per_matrix`` the gate rows, up rows and down columns get separate index sets
     (the released script); otherwise one set per expert re-initialises whole neurons.
@@ -120,7 +123,7 @@ def drop_experts(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tens
         shared = torch.randperm(F, generator=generator)[:n]
         for m, ((w_EMD, dense, dim), (mu, sigma)) in enumerate(zip(mats, stats)):
             # NOTE: a fresh draw per expert (and per matrix when independent); re-using one draw would make the
-            # re-initialisations identical across experts (§7.3 pitfalls).
+            # re-initialisations identical across experts.
             idx = torch.randperm(F, generator=generator)[:n] if independent_indices_per_matrix and m > 0 else shared
             other = dense.shape[1 - dim]
             shape = (n, other) if dim == 0 else (other, n)
@@ -131,7 +134,7 @@ def drop_experts(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tens
 
 def granular_experts(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, num_experts: int, *,
                      granularity: int, scale: float, scale_mode: str) -> ExpertWeights:
-    """NVIDIA fine-grained upcycling (§7.4): G contiguous shards of the intermediate axis (gate and up split
+    """NVIDIA fine-grained upcycling (He et al. 2024): G contiguous shards of the intermediate axis (gate and up split
     separately, the g-th pieces paired), expert e gets shard ``e mod G``; the weight scaling ``a`` goes all on
     the down projection (``scale_mode="down"``) or ``a^(1/3)`` on each of gate, up and down ("megatron")."""
     G = granularity
@@ -152,12 +155,12 @@ def granular_experts(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.
 
 def router_weight(num_experts: int, hidden_size: int, *, init: str, std: float, group_size: int = 1,
                   generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A router weight (E, D) initialised as ROUTERS.md §6.7 lists, with rows tied in consecutive groups.
+    """A router weight (E, D) initialised as docs/routers.md#router-init lists, with rows tied in consecutive groups.
 
     Args:
         init: ``normal`` N(0, std²); ``zero``; ``uniform`` zero-mean uniform with standard deviation std
             (the released Drop-Upcycling ``torch_rand_002``: centred by the sample mean, times std·√12).
-        group_size: G; E/G rows are drawn and each repeated G times (virtual groups, §7.4), so expert e
+        group_size: G; E/G rows are drawn and each repeated G times (virtual groups, He et al. 2024), so expert e
             uses row ``floor(e/G)``. 1 draws E independent rows.
     Returns:
         (E, D) in ``dtype`` (draws in fp32 or wider).

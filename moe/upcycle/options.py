@@ -16,7 +16,7 @@ from moe.config_io import apply_overrides, from_dict, require as _require, to_di
 
 UPCYCLE_METHODS = ("copy", "neuron-split", "drop", "granular")
 
-# Router weight initialisations (ROUTERS.md §6.7): "normal" N(0, std²), the T5X sparse-upcycling recipe;
+# Router weight initialisations (docs/routers.md#router-init): "normal" N(0, std²), the T5X sparse-upcycling recipe;
 # "zero" exactly uniform logits; "uniform" zero-mean uniform with the same std (Drop-Upcycling's
 # ``torch_rand_002``). The std is ``moe.router.init_std`` (0.02 by default).
 RouterInit = Literal["normal", "zero", "uniform"]
@@ -25,12 +25,12 @@ ROUTER_INITS = ("normal", "zero", "uniform")
 
 @dataclass(kw_only=True)
 class CopyOptions:
-    """Sparse upcycling (ROUTERS.md §7.1): every expert a copy of the dense FFN."""
+    """Sparse upcycling (Komatsuzaki et al., ICLR 2023): every expert a copy of the dense FFN."""
 
     router_init: RouterInit = "normal"
-    # "Noise upcycling", the baseline of the Drop-Upcycling repository, NOT part of sparse upcycling (§7.1
-    # pitfalls): add N(0, noise_std²) to the gate and up rows and down columns of a random noise_ratio of the
-    # neurons, per expert. 0 (the default) keeps the experts exact copies.
+    # "Noise upcycling", the baseline of the Drop-Upcycling repository, NOT part of sparse upcycling
+    # (docs/routers.md#copy): add N(0, noise_std²) to the gate and up rows and down columns of a random
+    # noise_ratio of the neurons, per expert. 0 (the default) keeps the experts exact copies.
     noise_std: float = 0.0
     noise_ratio: float = 1.0
 
@@ -41,7 +41,7 @@ class CopyOptions:
 
 @dataclass(kw_only=True)
 class NeuronSplitOptions:
-    """LLaMA-MoE neuron partitioning (ROUTERS.md §7.2): expert e owns F/E of the dense FFN's neurons."""
+    """LLaMA-MoE neuron partitioning (Zhu et al. 2024): expert e owns F/E of the dense FFN's neurons."""
 
     # random: a balanced random partition; clustering: size-constrained k-means on the normalised rows.
     split: Literal["random", "clustering"] = "random"
@@ -62,7 +62,7 @@ class NeuronSplitOptions:
 
 @dataclass(kw_only=True)
 class DropOptions:
-    """Drop-Upcycling (ROUTERS.md §7.3): copies with a ratio of each expert's neurons re-initialised."""
+    """Drop-Upcycling (Nakamura et al., ICLR 2025): copies with a ratio of each expert's neurons re-initialised."""
 
     # r: each expert re-initialises floor(r·F) neurons (0 is sparse upcycling, 1 a statistics-matched init).
     ratio: float = 0.5
@@ -77,7 +77,7 @@ class DropOptions:
 
 @dataclass(kw_only=True)
 class GranularOptions:
-    """NVIDIA fine-grained upcycling with virtual groups (ROUTERS.md §7.4)."""
+    """NVIDIA fine-grained upcycling with virtual groups (He et al. 2024)."""
 
     # G: each expert is one of G contiguous shards of the dense FFN (expert width F/G); N % G must be 0.
     granularity: int = 1

@@ -1,5 +1,5 @@
-"""The conversion report of ROUTERS.md §7.0: per converted layer, the output scale folded into the experts,
-whether the method is expected to reproduce the dense FFN exactly, and max |MoE − dense| on float64 probes.
+"""The conversion report (docs/routers.md#upcycling-contract): per converted layer, the output scale folded into
+the experts, whether the method is expected to reproduce the dense FFN exactly, and max |MoE − dense| on float64 probes.
 
 Shape legend: D model width, T probe tokens.
 """
@@ -19,8 +19,8 @@ from moe.upcycle.options import CopyOptions, DropOptions, MethodOptions, NeuronS
 
 
 def exact_expected(opts: MethodOptions, moe_cfg: MoEConfig, scale: float) -> bool:
-    """Whether the upcycled layer reproduces the dense FFN exactly at init (ROUTERS.md §7), for topk routers;
-    False (make no claim) for other routers."""
+    """Whether the upcycled layer reproduces the dense FFN exactly at init (docs/routers.md#upcycling), for topk
+    routers; False (make no claim) for other routers."""
     rc = moe_cfg.router
     if rc.name != "topk" or moe_cfg.capacity_factor is not None or moe_cfg.eval_capacity_factor is not None:
         return False
@@ -53,7 +53,7 @@ class LayerReport:
 
 @dataclass
 class UpcycleReport:
-    """The conversion report of ROUTERS.md §7.0; ``to_dict()`` is plain data for a JSON file."""
+    """The conversion report (docs/routers.md#upcycling-contract); ``to_dict()`` is plain data for a JSON file."""
 
     method: str
     seed: int

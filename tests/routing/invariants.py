@@ -1,4 +1,5 @@
-"""The invariants every router must satisfy (ROUTERS.md §0.2), as one function each router's tests call."""
+"""The invariants every router must satisfy (docs/routers.md#routing-invariants), one function each router's
+tests call."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Adaptive gating router: ROUTERS.md §4.1 properties and the §8 row (T=0 → top-1, T>1 → top-2, k̄ vs T)."""
+"""Adaptive gating router: the properties of docs/routers.md#adaptive (T=0 → top-1, T>1 → top-2, k̄ vs T)."""
 
 import math
 

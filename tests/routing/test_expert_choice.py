@@ -1,4 +1,4 @@
-"""Expert choice router: ROUTERS.md §2 properties and the §8 row (C per expert, zero-expert fraction, leak demo,
+"""Expert choice router: the properties of docs/routers.md#expert_choice (C per expert, zero-expert fraction, leak demo,
 gate gradient only for the selected pairs), the causal refusal, threshold inference, and a model step."""
 
 import pytest
@@ -283,7 +283,7 @@ def test_threshold_inference_is_causal_and_saved():
 
 
 def test_top_c_decoding_one_token_at_a_time_differs_from_training():
-    # The decode mismatch of ROUTERS.md §2: a group of one token makes every expert take it.
+    # The decode mismatch (docs/routers.md#expert_choice): a group of one token makes every expert take it.
     router = make_router(E=4, capacity_factor=1.0).eval()
     x = torch.randn(16, 8, dtype=torch.float64)
     full = router(x)

@@ -1,4 +1,4 @@
-"""GRIN / SparseMixer-v2 router: ROUTERS.md §5.2–§5.5, §5.8 and the §5.11 test properties (§8 row)."""
+"""GRIN / SparseMixer-v2 router: the properties of docs/routers.md#grin."""
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ def logit_router(E, k=2, eps=0.01, **kw):
 
 
 def masked_softmax_by_loop(z_row, available, eps):
-    """§5.2 for one token, written out: keep i iff z* - z_i <= 2ε·max(|z_i|, z*) among the available experts."""
+    """GRIN's mask for one token, written out: keep i iff z* - z_i <= 2ε·max(|z_i|, z*) among the available experts."""
     zmax = max(z_row[i].item() for i in available)
     keep = [i for i in available if zmax - z_row[i].item() <= 2 * eps * max(abs(z_row[i].item()), zmax)]
     pi = torch.zeros_like(z_row)

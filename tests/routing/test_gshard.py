@@ -1,4 +1,4 @@
-"""GShard top-2 router: ROUTERS.md §1.5 (second-expert policies, legacy normalisation, rank-major capacity)."""
+"""GShard top-2 router: docs/routers.md#gshard (second-expert policies, legacy normalisation, rank-major capacity)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Hash router: ROUTERS.md §3 properties and the §8 row (table persistence, LPT bound, bucket balance on a
+"""Hash router: the properties of docs/routers.md#hash (table persistence, LPT bound, bucket balance on a
 corpus sample, no router parameters), MultiHash, token-id plumbing and errors."""
 
 import argparse
@@ -96,7 +96,7 @@ def test_tables_by_hand():
 
 
 def test_lpt_bound():
-    # ROUTERS.md §3: the heaviest bucket is at most the mean bucket mass plus the largest single-token count.
+    # docs/routers.md#hash: the heaviest bucket is at most the mean bucket mass plus the largest single-token count.
     gen = torch.Generator().manual_seed(0)
     for E in (3, 7, 16):
         zipf = 1.0 / torch.arange(1, 501, dtype=torch.float64)
@@ -150,7 +150,7 @@ def test_table_persists_through_state_dict_round_trip():
 
 def test_table_independent_of_global_rng_state():
     # Every rank must build the same table whatever its RNG state, and building it must not consume the
-    # global Python RNG (ROUTERS.md §3 pitfall).
+    # global Python RNG (docs/routers.md#hash).
     torch.manual_seed(1)
     random.seed(1)
     a = make_router(num_hashes=2).table

@@ -1,4 +1,4 @@
-"""Router noise (ROUTERS.md §1.7): identity in eval, input_jitter never reaches the experts, each variant
+"""Router noise (docs/routers.md#jitter): identity in eval, input_jitter never reaches the experts, each variant
 does what its row of the table says, and every router reads it from the config."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""DeepSeek-V3 sigmoid router: ROUTERS.md §1.3 (gating, groups), §4.3 (loss-free bias), §0.4a (sequence-wise loss)."""
+"""DeepSeek-V3 sigmoid router: docs/routers.md#sigmoid (gating, groups, loss-free bias, sequence-wise loss)."""
 
 import threading
 

@@ -1,4 +1,4 @@
-"""Switch Transformer top-1 router: ROUTERS.md §1.4 (and the §0.5 capacity properties it relies on)."""
+"""Switch Transformer top-1 router: docs/routers.md#switch (and the capacity properties it relies on)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Dynamic top-p router: ROUTERS.md §4.2 properties and the §8 row (p=[.5,.3,.2] cases, k̄ vs θ, entropy loss)."""
+"""Dynamic top-p router: the properties of docs/routers.md#top_p (p=[.5,.3,.2] cases, k̄ vs θ, entropy loss)."""
 
 import math
 

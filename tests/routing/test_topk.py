@@ -1,4 +1,4 @@
-"""Top-k softmax router: ROUTERS.md §1.1, §1.2, §0.4, §0.5 properties."""
+"""Top-k softmax router: the properties of docs/routers.md#topk, #load-balancing, #z-loss, #capacity."""
 
 import math
 

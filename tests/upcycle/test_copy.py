@@ -1,4 +1,5 @@
-"""Sparse upcycling (ROUTERS.md §7.1) and the common contract (§7.0): exactness, bitwise copies, storage."""
+"""Sparse upcycling (docs/routers.md#copy) and the common contract (#upcycling-contract): exactness, bitwise
+copies, storage."""
 
 import math
 

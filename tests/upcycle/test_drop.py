@@ -1,4 +1,4 @@
-"""Drop-Upcycling (ROUTERS.md §7.3): r = 0 is copying; exactly floor(r·F) neurons re-drawn per expert from the
+"""Drop-Upcycling (docs/routers.md#drop): r = 0 is copying; exactly floor(r·F) neurons re-drawn per expert from the
 dense matrix's statistics; everything else bitwise; index sets differ across experts."""
 
 import math

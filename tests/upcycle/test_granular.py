@@ -1,4 +1,4 @@
-"""NVIDIA fine-grained upcycling with virtual groups and weight scaling (ROUTERS.md §7.4)."""
+"""NVIDIA fine-grained upcycling with virtual groups and weight scaling (docs/routers.md#granular)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""LLaMA-MoE neuron partitioning (ROUTERS.md §7.2): exactness at k = E, the partition, clustering."""
+"""LLaMA-MoE neuron partitioning (docs/routers.md#neuron-split): exactness at k = E, the partition, clustering."""
 
 import pytest
 import torch
