@@ -1,9 +1,27 @@
 """Install with ``pip install -e .[test]``; ``scripts/setup_env.sh`` does it in ``.venv`` without letting pip
 choose a CUDA torch on a CPU machine."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 _ROOT_FOLDERS = ("kernels", "routing", "parallel", "tools", "recipes")
+
+
+def _packages() -> list[str]:
+    """``moe`` and every folder inside it or inside a root folder (``parallel/deepspeed`` -> ``moe.parallel.deepspeed``).
+    The links moe/kernels etc. are skipped: the root folders are listed under their own names."""
+    here = Path(__file__).parent
+    found = []
+    for root, name in [("moe", "moe"), *((f, f"moe.{f}") for f in _ROOT_FOLDERS)]:
+        base = here / root
+        for folder in [base, *sorted(p for p in base.rglob("*") if p.is_dir())]:
+            parts = folder.relative_to(base).parts
+            inside_link = any((base / Path(*parts[:i + 1])).is_symlink() for i in range(len(parts)))
+            if not inside_link and "__pycache__" not in parts:
+                found.append(".".join([name, *parts]))
+    return found
+
 
 setup(
     name="moe-train",
@@ -17,7 +35,7 @@ setup(
     # ``kernels``, which transformers requires; PyPI's ``tools``), since a regular package anywhere on sys.path
     # wins over a namespace portion. The symlinks moe/kernels -> ../kernels etc. make a source checkout import
     # exactly like the wheel.
-    packages=["moe", "moe.data", "moe.hf", "moe.upcycle", *(f"moe.{name}" for name in _ROOT_FOLDERS)],
+    packages=_packages(),
     package_dir={"moe": "moe", **{f"moe.{name}": name for name in _ROOT_FOLDERS}},
     package_data={"moe.recipes": ["*.yaml"]},
     # NOTE: torch is a floor only. scripts/setup_env.sh installs the CPU build (or keeps a GPU machine's own

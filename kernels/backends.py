@@ -24,9 +24,20 @@ from types import ModuleType
 
 import torch
 
-from moe.kernels import megablocks_grouped_mm, tiled_experts, torch_grouped_mm
-
-BACKENDS = ("reference", "torch", "triton", "megablocks", "tiled")
+# The registry: backend name -> the module that implements it. Every module offers
+# ``is_available(device, dtype, k, n) -> (ok, why not)``; the grouped-GEMM backends ``gather_grouped_mm(x_TK,
+# rows_A, w_EKN, counts_E)`` and the block backend (``tiled``) ``experts_combine``. Imported on first use:
+# importing Triton is slow, and TRITON_INTERPRET must be set before it.
+BACKEND_MODULES = {
+    "reference": "moe.kernels.reference",
+    "torch": "moe.kernels.torch_grouped_mm",
+    "triton": "moe.kernels.triton_grouped_mm",
+    "megablocks": "moe.kernels.megablocks_grouped_mm",
+    "tiled": "moe.kernels.tiled_experts",
+}
+BACKENDS = tuple(BACKEND_MODULES)
+# The backends that run the whole expert block (``experts_combine``); their lone GEMMs run on ``auto``'s choice.
+BLOCK_BACKENDS = ("tiled",)
 # Preference order of ``auto`` per device type. NOTE: Triton on a CPU runs in its interpreter, far too slow
 # to pick automatically.
 _AUTO_ORDER = {
@@ -35,34 +46,23 @@ _AUTO_ORDER = {
 }
 
 
-def triton_module() -> ModuleType:
-    # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set before it.
-    return importlib.import_module("moe.kernels.triton_grouped_mm")
+def backend_module(name: str) -> ModuleType:
+    """The module of backend ``name``; ``ValueError`` listing the valid names otherwise."""
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"unknown expert backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    return importlib.import_module(BACKEND_MODULES[name])
 
 
 def backend_status(name: str, device: torch.device, dtype: torch.dtype, k: int, n: int) -> tuple[bool, str]:
     """Whether backend ``name`` can run a ``(A, k) @ (E, k, n)`` grouped GEMM; if not, why."""
-    if name == "reference":
-        return True, ""
-    if name == "torch":
-        return torch_grouped_mm.is_available(device, dtype, k, n)
-    if name == "triton":
-        ok, why = triton_module().is_available(device)
-        if ok and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return False, f"triton backend supports float32, bfloat16 and float16, not {dtype}"
-        return ok, why
-    if name == "megablocks":
-        return megablocks_grouped_mm.is_available(device, dtype)
-    if name == "tiled":
-        return tiled_experts.is_available(device, dtype)
-    raise ValueError(f"unknown expert backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    return backend_module(name).is_available(device, dtype, k, n)
 
 
 def resolve_backend(name: str, x: torch.Tensor, w_EKN: torch.Tensor) -> str:
     """The concrete grouped-GEMM backend for ``name`` on these inputs; ``ValueError`` if an explicit one
     cannot run. ``tiled`` is not a GEMM backend: its lone GEMMs run on ``auto``'s choice."""
     _, k, n = w_EKN.shape
-    if name in ("auto", "tiled"):
+    if name == "auto" or name in BLOCK_BACKENDS:
         for candidate in _AUTO_ORDER.get(x.device.type, ("reference",)):
             if backend_status(candidate, x.device, x.dtype, k, n)[0]:
                 return candidate
@@ -74,12 +74,14 @@ def resolve_backend(name: str, x: torch.Tensor, w_EKN: torch.Tensor) -> str:
 
 
 def resolve_block_backend(name: str, x: torch.Tensor, w_EKN: torch.Tensor) -> str:
-    """The backend ``experts_combine`` runs for ``name``: ``tiled`` when asked or, under ``auto``, on a CPU;
-    otherwise the grouped-GEMM backend of ``resolve_backend``."""
-    if name == "tiled" or (name == "auto" and x.device.type == "cpu"):
-        ok, why = tiled_experts.is_available(x.device, x.dtype)
+    """The backend ``experts_combine`` runs for ``name``: a block backend when asked or, under ``auto``, on a CPU
+    (``tiled``); otherwise the grouped-GEMM backend of ``resolve_backend``."""
+    _, k, n = w_EKN.shape
+    wanted = name if name in BLOCK_BACKENDS else "tiled" if name == "auto" and x.device.type == "cpu" else None
+    if wanted is not None:
+        ok, why = backend_status(wanted, x.device, x.dtype, k, n)
         if ok:
-            return "tiled"
-        if name == "tiled":
-            raise ValueError(f"expert backend 'tiled' cannot run here: {why}; use backend 'auto' or 'reference'")
+            return wanted
+        if name == wanted:
+            raise ValueError(f"expert backend {name!r} cannot run here: {why}; use backend 'auto' or 'reference'")
     return resolve_backend(name, x, w_EKN)

@@ -17,7 +17,7 @@ def _ops():
     return importlib.import_module("grouped_gemm.ops")
 
 
-def is_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+def is_available(device: torch.device, dtype: torch.dtype, k: int, n: int) -> tuple[bool, str]:
     if device.type != "cuda":
         return False, "megablocks runs on CUDA devices only"
     if dtype not in (torch.bfloat16, torch.float16):

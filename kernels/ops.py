@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.kernels import megablocks_grouped_mm, reference, tiled_experts, torch_grouped_mm
-from moe.kernels.backends import resolve_backend, resolve_block_backend, triton_module
+from moe.kernels.backends import BLOCK_BACKENDS, backend_module, resolve_backend, resolve_block_backend
 from moe.kernels.reference import scale_grad, scatter_combine, swiglu
 
 
@@ -33,11 +32,7 @@ def gather_grouped_mm(
         (A, N), differentiable with respect to ``x_TK`` and ``w_EKN``.
     """
     chosen = resolve_backend(backend, x_TK, w_EKN)
-    if chosen == "reference":
-        x_AK = x_TK if rows_A is None else x_TK.index_select(0, rows_A)
-        return reference.grouped_mm(x_AK, w_EKN, counts_E)
-    module = {"torch": torch_grouped_mm, "megablocks": megablocks_grouped_mm}.get(chosen) or triton_module()
-    return module.gather_grouped_mm(x_TK, rows_A, w_EKN, counts_E)
+    return backend_module(chosen).gather_grouped_mm(x_TK, rows_A, w_EKN, counts_E)
 
 
 def experts_combine(
@@ -67,9 +62,9 @@ def experts_combine(
         (T, D) in the dtype of ``x_TD``, accumulated in fp32.
     """
     chosen = resolve_block_backend(backend, x_TD, w_gate_up_ED2F)
-    if chosen == "tiled":
-        return tiled_experts.experts_combine(x_TD, rows_A, weight_A, counts_E, w_gate_up_ED2F, w_down_EFD,
-                                             grad_scale_A)
+    if chosen in BLOCK_BACKENDS:
+        return backend_module(chosen).experts_combine(x_TD, rows_A, weight_A, counts_E, w_gate_up_ED2F, w_down_EFD,
+                                                      grad_scale_A)
     h_A2F = gather_grouped_mm(x_TD, rows_A, w_gate_up_ED2F, counts_E, backend=chosen)
     y_AD = grouped_mm(swiglu(h_A2F), w_down_EFD, counts_E, backend=chosen)
     if grad_scale_A is not None:

@@ -35,11 +35,17 @@ def grouped_mm(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) 
     return torch.cat(outs, dim=0)
 
 
+def is_available(device: torch.device, dtype: torch.dtype, k: int, n: int) -> tuple[bool, str]:
+    """The reference runs everywhere."""
+    return True, ""
+
+
 def gather_grouped_mm(
-    x_TK: torch.Tensor, rows_A: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor
+    x_TK: torch.Tensor, rows_A: torch.Tensor | None, w_EKN: torch.Tensor, counts_E: torch.Tensor
 ) -> torch.Tensor:
-    """``grouped_mm(x_TK[rows_A], w_EKN, counts_E)``: the gather is a separate step here."""
-    return grouped_mm(x_TK.index_select(0, rows_A), w_EKN, counts_E)
+    """``grouped_mm(x_TK[rows_A], w_EKN, counts_E)`` (rows_A None: ``x_TK`` is already grouped); the gather is a
+    separate step here."""
+    return grouped_mm(x_TK if rows_A is None else x_TK.index_select(0, rows_A), w_EKN, counts_E)
 
 
 def swiglu(h_A2F: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ MIN_TILE_MACS = 80_000_000
 _pools: dict[int, tuple[int, ThreadPoolExecutor]] = {}
 
 
-def is_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+def is_available(device: torch.device, dtype: torch.dtype, k: int, n: int) -> tuple[bool, str]:
     """Whether the tiled block can run here. It runs anywhere, but on a GPU its per-tile launches and the
     host-side group sizes are slower than a grouped GEMM, so ``auto`` picks it only on a CPU."""
     if not dtype.is_floating_point:

@@ -136,9 +136,12 @@ def _gather_mm_dw_kernel(
     tl.store(dw_ptrs, acc_KN.to(dw_ptr.dtype.element_ty), mask=mask_K[:, None] & mask_N[None, :])
 
 
-def is_available(device: torch.device) -> tuple[bool, str]:
-    """Whether these kernels can run on ``device``, and why not when they cannot."""
+def is_available(device: torch.device, dtype: torch.dtype = torch.float32, k: int = 0, n: int = 0) -> tuple[bool, str]:
+    """Whether these kernels can run a ``(A, k) @ (E, k, n)`` grouped GEMM in ``dtype`` on ``device``, and why
+    not when they cannot."""
     device = torch.device(device)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False, f"triton backend supports float32, bfloat16 and float16, not {dtype}"
     if _TRITON_IMPORT_ERROR is not None:
         return False, f"triton cannot be imported: {_TRITON_IMPORT_ERROR}"
     if device.type == "cuda":

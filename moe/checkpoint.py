@@ -39,12 +39,22 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The message of ``e`` on one line, at most ``limit`` characters (for one-line errors)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+
+
 def load_model_state(model: torch.nn.Module, path: Path) -> None:
     """Load ``model.safetensors`` into ``model``, strictly (missing or unexpected names are errors)."""
-    try:
-        state = load_file(str(path))
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    state = load_safetensors(path)
     tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (tied and m == "lm_head.weight")]
@@ -52,11 +62,65 @@ def load_model_state(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+# -- primitives shared by both engines (this module's one-process checkpoints, DeepSpeed's in
+#    moe.parallel.deepspeed.checkpoint): folder names, the ``latest`` marker, pruning, RNG state, messages.
+
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    """The folder of the checkpoint taken after optimizer step ``step``: ``step_00000100``."""
+    return f"step_{step:08d}"
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """The checkpoint folders under ``root``, oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
+
+
+def publish_latest(root: Path, name: str) -> None:
+    """Point ``root / latest`` at checkpoint ``name``, atomically: written last, after the checkpoint is whole."""
+    marker_tmp = root / ".latest.tmp"
+    marker_tmp.write_text(name)
+    os.replace(marker_tmp, root / LATEST)
+
+
+def read_latest(root: Path) -> str | None:
+    """The checkpoint name ``root / latest`` holds, or None when there is no (readable) marker."""
+    try:
+        return (root / LATEST).read_text(errors="replace").strip() if (root / LATEST).is_file() else None
+    except OSError:
+        return None
+
+
+def prune(root: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` checkpoints under ``root``."""
+    for old in step_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def intact_note(root: Path) -> str:
+    """What is left to resume from after a failed save under ``root``, for the one-line error."""
+    previous = read_latest(root)
+    return f"the previous checkpoint {root / previous} is intact" if previous else "no earlier checkpoint"
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and ``device``'s when it is a CUDA device (None: the current CUDA device if
+    any)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if device is None and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    elif device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+    """Set the generators ``rng_state`` saved (the CUDA one only where there is a CUDA device)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and (device.type == "cuda" if device is not None else torch.cuda.is_available()):
+        torch.cuda.set_rng_state(state["cuda"], *([device] if device is not None else []))
 
 
 def _sha256(path: Path) -> str:
@@ -111,7 +175,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     A failed write (disk full, no permission) raises ``RuntimeError`` naming the folder and the reason, after
     removing the partial temporary folder; the checkpoint ``latest`` names stays in force and intact.
     """
-    name = f"step_{step:08d}"
+    name = step_dir_name(step)
     final = root / name
     tmp: Path | None = None
     try:
@@ -119,21 +183,17 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
         save_file(model_state(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file(_rng_state(), str(tmp / "rng.safetensors"))
+        save_file(rng_state(), str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        marker_tmp = root / ".latest.tmp"
-        marker_tmp.write_text(name)
-        os.replace(marker_tmp, root / "latest")  # the marker is written last
+        publish_latest(root, name)
     except OSError as e:
-        previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
         raise RuntimeError(
             f"could not write checkpoint {final}: {e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}"
-            f"{', ' + str(e.filename) if e.filename else ''}); "
-            + (f"the previous checkpoint {root / previous} is intact" if previous else "no earlier checkpoint")
+            f"{', ' + str(e.filename) if e.filename else ''}); {intact_note(root)}"
         ) from e
     finally:
         if tmp is not None:
@@ -141,23 +201,21 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     # Temporary folders of saves that a crash interrupted (nothing else writes ``.step_*`` here).
     for stale in root.glob(".step_*"):
         shutil.rmtree(stale, ignore_errors=True)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep)
     return final
 
 
 def resume_checkpoint(root: Path) -> Path | None:
     """The checkpoint to resume from: the one ``latest`` names if intact, else the newest intact one (saying
     so), else None when there is none at all. Damaged checkpoints are reported and skipped, never deleted."""
-    marker = root / "latest"
-    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
-    if marker.is_file():
-        name = marker.read_text(errors="replace").strip()
+    candidates = step_dirs(root)[::-1]
+    name = read_latest(root)
+    if name is not None:
         if re.fullmatch(r"step_\d+", name):  # never a path out of ``root``
             named = root / name
             candidates = [named] + [c for c in candidates if c != named]
         else:
-            log.warning("%s names %r, not a checkpoint of this folder; ignoring it", marker, name[:100])
+            log.warning("%s names %r, not a checkpoint of this folder; ignoring it", root / LATEST, name[:100])
     for i, path in enumerate(candidates):
         try:
             verify_checkpoint(path)
@@ -181,8 +239,5 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     except Exception as e:
         raise ValueError(f"{path / 'optimizer.pt'} cannot be loaded safely ({str(e).splitlines()[0][:200]})") from None
     optimizer.load_state_dict(opt_state)
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    restore_rng(load_file(str(path / "rng.safetensors")))
     return int(json.loads((path / "state.json").read_text())["step"])

@@ -5,7 +5,9 @@
 
     moe import HF_DIR OUT_DIR                      a Hugging Face folder -> a run directory
     moe export RUN_DIR OUT_DIR [--format hf]       a run directory -> a Hugging Face folder
+    moe upcycle SRC OUT --num-experts E --top-k K --method M [...]   a dense model -> an MoE Hugging Face folder
     moe generate MODEL --prompt TEXT [--max-new-tokens N] [--greedy] [--temperature T] [--seed S]
+    moe bench {layer,train} [...]                  benchmarks (``moe.tools.bench_layer``, ``moe.tools.bench_train``)
 
 Bad input (a malformed recipe, an unknown key, an impossible value) ends with a one-line ``error:`` message
 and exit status 2; ``--debug`` shows the traceback instead.
@@ -25,7 +27,7 @@ from moe.config import load_recipe
 
 
 def _train(args: argparse.Namespace) -> int:
-    from moe.train import train
+    from moe.trainer import train
 
     overrides = list(args.overrides)
     if args.max_steps is not None:

@@ -1,7 +1,8 @@
 """Config dataclasses: plain data, validated in ``__post_init__``, loaded from YAML recipes.
 
-A recipe has two sections, ``model`` and ``train``. ``model.moe`` (absent or null for a dense model) holds
-the MoE layer settings and ``model.moe.router`` the router's. Every field is documented where it is declared.
+A recipe has four sections, ``model``, ``data``, ``train`` and ``parallel``. ``model.moe`` (absent or null for a
+dense model) holds the MoE layer settings and ``model.moe.router`` the router's. Every field is documented where
+it is declared.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from moe.kernels.backends import BACKENDS
 from moe.config_io import apply_overrides, from_dict, load_yaml, require as _require, to_dict
 
-EXPERT_BACKENDS = ("auto", "reference", "torch", "triton", "megablocks", "tiled")
+EXPERT_BACKENDS = ("auto", *BACKENDS)
 
 
 @dataclass(kw_only=True)
 class RouterConfig:
-    """Token → expert assignment. ``name`` selects a class from the router registry (``moe.routing.ROUTERS``)."""
+    """Token → expert assignment. ``name`` selects a class from the router registry (``moe.routing.registry.ROUTERS``)."""
 
     name: str = "topk"
     top_k: int = 2
@@ -243,6 +245,12 @@ class TrainConfig:
             _require(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops must be > 0 or null")
+
+
+def uses_bf16(train: TrainConfig, device_type: str) -> bool:
+    """Whether a run computes in bf16 on a device of this type (``"cpu"``, ``"cuda"``): ``train.dtype`` bfloat16,
+    or auto on CUDA. The one rule of both engines: the trainer's autocast, and DeepSpeed's bf16 mode on CUDA."""
+    return train.dtype == "bfloat16" or (train.dtype == "auto" and device_type == "cuda")
 
 
 @dataclass(kw_only=True)

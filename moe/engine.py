@@ -1,5 +1,5 @@
 """The seam between the training loop and what runs the optimizer: one process here, DeepSpeed in
-``parallel/deepspeed.py``. Both offer the same small interface, so ``moe.train`` does not know which it has;
+``moe.parallel.deepspeed.engine``. Both offer the same small interface, so ``moe.trainer`` does not know which it has;
 ``build_engine`` picks one.
 """
 
@@ -13,6 +13,7 @@ import torch
 
 from moe.checkpoint import load_checkpoint, model_state, resume_checkpoint, save_checkpoint
 from moe.config import Recipe
+from moe.optim import param_groups
 
 
 class Engine(Protocol):
@@ -52,13 +53,6 @@ class Engine(Protocol):
         """Load the newest intact checkpoint under ``root``; returns its step (0 when there is none)."""
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on norms and other 1-D parameters (nanoGPT convention); matrices and expert tensors decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
 def resolve_device(name: str) -> torch.device:
     """``train.device`` as a device: ``auto`` is CUDA when available, else the CPU."""
     if name == "auto":
@@ -77,7 +71,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe) -> Engine:
 
     p = recipe.parallel
     if launched_world_size() > 1 or p.zero_stage > 0 or p.deepspeed_config is not None:
-        from moe.parallel.deepspeed import DeepSpeedEngine
+        from moe.parallel.deepspeed.engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, recipe)
     if p.expert_parallel_size > 1:

@@ -3,7 +3,7 @@
 Shape legend: V vocab; ids are plain lists of ints (one sequence; batch 1).
 
 MODEL is one of our run directories (``recipe.yaml`` + ``model.safetensors``) or a Hugging Face folder, which is
-imported in memory (``moe.hf.read_hf_model``). Text becomes ids in one place, ``load_tokenizer``: the folder's
+imported in memory (``moe.hf.read_hf_model``). Text becomes ids in one place, ``folder_tokenizer``: the folder's
 ``tokenizer.json`` when it has one (``tokenizers.Tokenizer.from_file``), else UTF-8 bytes, the tokenizer of the
 byte-level runs. Generation stops after ``max_new_tokens`` or at an end-of-sequence id from the folder's
 ``generation_config.json`` (or ``config.json``).
@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from moe.data.tokenizer import load_tokenizer
 from moe.model import MoEModel
 
 
@@ -45,12 +46,7 @@ class FileTokenizer:
     """A ``tokenizer.json`` (BPE, Unigram, ...) through the ``tokenizers`` library."""
 
     def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises its own Exception type for malformed files
-            raise ValueError(f"{path}: not a readable tokenizer.json ({' '.join(str(e).split())[:160]})") from None
+        self._tok = load_tokenizer(path, setting=None)
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
@@ -60,7 +56,7 @@ class FileTokenizer:
         return self._tok.decode(list(ids))
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+def folder_tokenizer(model_dir: str | Path) -> Tokenizer:
     """How text becomes ids for the model in ``model_dir``: its ``tokenizer.json`` if present, else UTF-8 bytes."""
     path = Path(model_dir) / "tokenizer.json"
     return FileTokenizer(path) if path.is_file() else ByteTokenizer()
@@ -84,7 +80,7 @@ def eos_token_ids(model_dir: str | Path) -> list[int]:
 def load_model(path: str | Path) -> MoEModel:
     """The model of a run directory or of a Hugging Face folder (imported in memory), fp32, in eval mode."""
     from moe.hf.import_hf import read_hf_model
-    from moe.hf.rundir import build_model, is_run_dir, load_run_model
+    from moe.rundir import build_model, is_run_dir, load_run_model
 
     path = Path(path)
     if is_run_dir(path):
@@ -162,7 +158,7 @@ def generate_text(model_path: str | Path, prompt: str, max_new_tokens: int = 64,
                   temperature: float = 1.0, seed: int = 0) -> Generation:
     """``moe generate``: load the model and tokenizer of ``model_path``, continue ``prompt``."""
     model = load_model(model_path)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = folder_tokenizer(model_path)
     if isinstance(tokenizer, ByteTokenizer) and model.cfg.vocab_size < 256:
         raise ValueError(f"{model_path}: no tokenizer.json, and byte-level ids need vocab_size >= 256 "
                          f"(the model has {model.cfg.vocab_size})")

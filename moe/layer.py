@@ -5,28 +5,51 @@ Shape legend: B batch, S sequence, T = B·S tokens, D model width, E experts, A 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from moe.kernels import reference
+from moe.kernels.permute import sort_by_expert
 from moe.config import MoEConfig
 from moe.experts import Experts
 from moe.ffn import SwiGLU
 from moe.routing.base import Routing
 from moe.routing.registry import build_router
 
-# Step 3's seam: ``(experts, x_TD, rows_A, counts_E) -> y_AD``, the expert outputs of the grouped assignments
-# in their grouped order. On one device it is ``run_local_experts``; ``moe.parallel.expert_moe.parallel.expert_parallel.apply_expert_parallel``
-# installs one that sends the rows to the ranks owning their experts and brings the outputs back.
-Dispatcher = Callable[[Experts, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+class Dispatcher(Protocol):
+    """Steps 3 and 4, the seam between routing and the experts: ``out[rows_A[a]] += weight_A[a] ·
+    expert_e(x_TD[rows_A[a]])`` for assignments grouped by expert, accumulated in fp32.
+
+    On one device it is ``LocalDispatcher``; ``moe.parallel.expert_parallel.apply_expert_parallel`` installs one
+    that sends the rows to the ranks owning their experts and brings the outputs back before combining.
+
+    Args:
+        experts: this rank's experts.
+        x_TD: (T, D) token activations.
+        rows_A: (A,) int64 token of each assignment, grouped by (global) expert.
+        weight_A: (A,) combine weight of each assignment.
+        counts_E: (E,) int64 assignments per (global) expert.
+        grad_scale_A: (A,) or None: multiplies the gradient reaching the experts through each assignment
+            (``Routing.expert_grad_scale``).
+    Returns:
+        out_TD: (T, D) in the dtype of ``x_TD``.
+    """
+
+    def __call__(self, experts: Experts, x_TD: torch.Tensor, rows_A: torch.Tensor, weight_A: torch.Tensor,
+                 counts_E: torch.Tensor, grad_scale_A: torch.Tensor | None) -> torch.Tensor: ...
 
 
-def run_local_experts(experts: Experts, x_TD: torch.Tensor, rows_A: torch.Tensor,
-                      counts_E: torch.Tensor) -> torch.Tensor:
-    """The single-device dispatcher: every expert is here, so the rows go straight to the grouped GEMMs."""
-    return experts(x_TD, rows_A, counts_E)
+class LocalDispatcher:
+    """Every expert is here: the backend runs experts and combine as one block (``moe.kernels.ops.experts_combine``;
+    on a CPU the tiled kernel fuses gather, GEMMs and scatter)."""
+
+    def __call__(self, experts: Experts, x_TD: torch.Tensor, rows_A: torch.Tensor, weight_A: torch.Tensor,
+                 counts_E: torch.Tensor, grad_scale_A: torch.Tensor | None) -> torch.Tensor:
+        return experts.forward_combine(x_TD, rows_A, weight_A, counts_E, grad_scale_A)
+
+    def __repr__(self) -> str:
+        return "LocalDispatcher()"
 
 
 class MoELayer(nn.Module):
@@ -46,8 +69,8 @@ class MoELayer(nn.Module):
         self.shared_experts = SwiGLU(hidden_size, cfg.shared_hidden_size) if cfg.num_shared_experts else None
         # Qwen2-MoE's sigmoid gate on the shared experts' output (``moe.shared_expert_gate``); None: ungated.
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
-        # Where step 3 runs the experts (see ``Dispatcher``); replaced after construction for expert parallelism.
-        self.dispatcher: Dispatcher = run_local_experts
+        # Where steps 3 and 4 run (see ``Dispatcher``); replaced after construction for expert parallelism.
+        self.dispatcher: Dispatcher = LocalDispatcher()
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """Returns the layer output (B, S, D) and the routing decision (its losses and stats)."""
@@ -59,24 +82,17 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD, token_ids_T, S)
 
         # 2. Dispatch: group the assignments by expert (stable, so each expert sees its tokens in order).
+        order_A = sort_by_expert(routing.expert_index)
         with torch.no_grad():
-            order_A = torch.argsort(routing.expert_index, stable=True)
             rows_A = routing.token_index.index_select(0, order_A)
         weight_A = routing.weight.index_select(0, order_A)
-
-        # 3+4. Experts and combine: out[token] += weight · expert(x[token]), accumulated in fp32. On one device
-        #    the backend runs them as one block (on a CPU the tiled kernel fuses gather, GEMMs and scatter);
-        #    under expert parallelism the dispatcher moves the rows to the experts' ranks and the outputs back.
         grad_scale_A = None
         if routing.expert_grad_scale is not None:
             grad_scale_A = routing.expert_grad_scale.index_select(0, order_A)
-        if self.dispatcher is run_local_experts:
-            out_TD = self.experts.forward_combine(x_TD, rows_A, weight_A, routing.tokens_per_expert, grad_scale_A)
-        else:
-            y_AD = self.dispatcher(self.experts, x_TD, rows_A, routing.tokens_per_expert)
-            if grad_scale_A is not None:
-                y_AD = reference.scale_grad(y_AD, grad_scale_A.unsqueeze(1))
-            out_TD = reference.scatter_combine(y_AD, rows_A, weight_A, B * S)
+
+        # 3+4. Experts and combine: out[token] += weight · expert(x[token]), accumulated in fp32, wherever the
+        #    experts live (the dispatcher: one device, or exchanged with the ranks that hold them).
+        out_TD = self.dispatcher(self.experts, x_TD, rows_A, weight_A, routing.tokens_per_expert, grad_scale_A)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

@@ -76,28 +76,38 @@ class RouterStats:
         return share_LE * per_token_L[:, None]
 
 
-class DeadExpertWatch:
-    """Warns once per (layer, expert) that has had no tokens for ``patience`` consecutive steps."""
+class _StreakWatch:
+    """Counts, per (layer, expert), the consecutive steps on which a condition held; ``update`` returns the pairs
+    whose streak reached ``patience`` for the first time (each pair is reported once)."""
 
     def __init__(self, patience: int) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
         self.patience = patience
-        self.idle: torch.Tensor | None = None
+        self.streak: torch.Tensor | None = None  # (L, E)
         self.warned: set[tuple[int, int]] = set()
+
+    def _update(self, holds_LE: torch.Tensor) -> list[tuple[int, int]]:
+        if self.streak is None or self.streak.shape != holds_LE.shape:
+            self.streak = torch.zeros(holds_LE.shape, dtype=torch.long)
+        self.streak = torch.where(holds_LE, self.streak + 1, torch.zeros_like(self.streak))
+        new = [(l, e) for l, e in (self.streak >= self.patience).nonzero().tolist() if (l, e) not in self.warned]
+        self.warned.update(new)
+        return new
+
+
+class DeadExpertWatch(_StreakWatch):
+    """Warns once per (layer, expert) that has had no tokens for ``patience`` consecutive steps."""
 
     def update(self, load_LE: torch.Tensor, step: int) -> None:
         if load_LE.numel() == 0:
             return
-        if self.idle is None or self.idle.shape != load_LE.shape:
-            self.idle = torch.zeros(load_LE.shape, dtype=torch.long)
-        self.idle = torch.where(load_LE > 0, torch.zeros_like(self.idle), self.idle + 1)
-        for layer, expert in (self.idle >= self.patience).nonzero().tolist():
-            if (layer, expert) not in self.warned:
-                self.warned.add((layer, expert))
-                log.warning("step %d: expert %d of MoE layer %d has received no tokens for %d steps",
-                            step, expert, layer, int(self.idle[layer, expert]))
+        for layer, expert in self._update(load_LE <= 0):
+            log.warning("step %d: expert %d of MoE layer %d has received no tokens for %d steps",
+                        step, expert, layer, int(self.streak[layer, expert]))
 
 
-class RouterCollapseWatch:
+class RouterCollapseWatch(_StreakWatch):
     """Warns once per (layer, expert) that has computed more than ``threshold`` of its layer's tokens for
     ``patience`` consecutive steps: the router sends (almost) everything to that expert, so the layer acts as
     one dense FFN and the other experts barely learn (the self-reinforcing imbalance of "Outrageously Large
@@ -110,32 +120,23 @@ class RouterCollapseWatch:
     """
 
     def __init__(self, patience: int, threshold: float = 0.9) -> None:
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
+        super().__init__(patience)
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        self.patience = patience
         self.threshold = threshold
-        self.streak: torch.Tensor | None = None  # (L, E) consecutive steps over the threshold
-        self.warned: set[tuple[int, int]] = set()
 
     def update(self, token_share_LE: torch.Tensor, step: int) -> None:
         if token_share_LE.numel() == 0:
             return
-        if self.streak is None or self.streak.shape != token_share_LE.shape:
-            self.streak = torch.zeros(token_share_LE.shape, dtype=torch.long)
         E = token_share_LE.shape[1]
         balanced_L = token_share_LE.sum(dim=1) / E  # the share of each expert under perfect balance
         over_LE = (token_share_LE > self.threshold) & (balanced_L < self.threshold)[:, None]
-        self.streak = torch.where(over_LE, self.streak + 1, torch.zeros_like(self.streak))
-        for layer, expert in (self.streak >= self.patience).nonzero().tolist():
-            if (layer, expert) not in self.warned:
-                self.warned.add((layer, expert))
-                log.warning("step %d: router collapse in MoE layer %d: expert %d has computed %.0f%% of the "
-                            "layer's tokens for %d steps (threshold %.0f%%); consider a larger "
-                            "model.moe.router.aux_loss_coef or a lower train.lr", step, layer, expert,
-                            100 * float(token_share_LE[layer, expert]), int(self.streak[layer, expert]),
-                            100 * self.threshold)
+        for layer, expert in self._update(over_LE):
+            log.warning("step %d: router collapse in MoE layer %d: expert %d has computed %.0f%% of the "
+                        "layer's tokens for %d steps (threshold %.0f%%); consider a larger "
+                        "model.moe.router.aux_loss_coef or a lower train.lr", step, layer, expert,
+                        100 * float(token_share_LE[layer, expert]), int(self.streak[layer, expert]),
+                        100 * self.threshold)
 
 
 class MetricsWriter:

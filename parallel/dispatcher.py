@@ -1,10 +1,11 @@
-"""The expert-parallel dispatcher: rows go to the rank that owns their expert, and the outputs come back.
+"""The expert-parallel dispatcher: rows go to the rank that owns their expert, the outputs come back, and they
+are combined.
 
 Shape legend: T tokens, D model width, E experts, P ranks in the expert-parallel group, X = E/P experts per
 rank, A assignments made on this rank (grouped by expert), R rows received by this rank.
 
 It consumes only the grouped assignments that ``moe.layer.MoELayer`` hands to its dispatcher (rows sorted by
-global expert, and the per-expert counts), so it works for every router behind ``moe.routing.base.Routing``: top-k,
+global expert, their weights, and the per-expert counts), so it works for every router behind ``moe.routing.base.Routing``: top-k,
 expert choice, hash, GRIN, adaptive. Rank r owns experts ``[r·X, (r+1)·X)``.
 
     x_TD --gather rows_A--> x_AD      grouped by global expert = grouped by destination rank
@@ -12,7 +13,8 @@ expert choice, hash, GRIN, adaptive. Rank r owns experts ``[r·X, (r+1)·X)``.
          --all-to-all-->     x_RD     grouped by source rank, then by local expert
          --experts(x_RD, order_R)-->  y (R, D) grouped by local expert (the permutation fused into the gather)
          --unpermute-->      y_RD     grouped by source rank again
-         --all-to-all back-> y_AD     in this rank's grouped order, for the layer's combine
+         --all-to-all back-> y_AD     in this rank's grouped order
+         --combine-->        out_TD   out[rows_A[a]] += weight_A[a] · y_AD[a], in fp32 (``scatter_combine``)
 
 Each expert sees its rows in (source rank, token) order: exactly the order a single process holding all
 experts would give it for the concatenation of the ranks' batches, which is why outputs and expert gradients
@@ -25,35 +27,9 @@ import torch
 import torch.distributed as dist
 
 from moe.experts import Experts
+from moe.kernels.permute import inverse_permutation, source_to_expert_order
+from moe.kernels.reference import scale_grad, scatter_combine
 from moe.parallel.all_to_all import all_to_all, exchange_counts
-
-
-def source_to_expert_order(recv_counts_PX: torch.Tensor) -> torch.Tensor:
-    """The permutation that regroups received rows from (source rank, local expert) to (local expert, source).
-
-    Args:
-        recv_counts_PX: (P, X) rows received from each source rank for each local expert.
-    Returns:
-        order_R: (R,) int64; row ``order_R[j]`` of the source-major block is row j of the expert-major one.
-    """
-    P, X = recv_counts_PX.shape
-    chunk_R = torch.repeat_interleave(torch.arange(P * X, device=recv_counts_PX.device), recv_counts_PX.reshape(-1))
-    source_R, expert_R = chunk_R // X, chunk_R % X
-    return torch.argsort(expert_R * P + source_R, stable=True)
-
-
-def _run_on_no_rows(experts: Experts, x_0D: torch.Tensor) -> torch.Tensor:
-    """The experts' (0, D) output when this rank received no rows, still in the autograd graph.
-
-    NOTE: the output must depend on the expert weights (and on ``x_0D``) so that this rank's backward
-    runs the reverse exchange its peers wait for. Running the experts on zero rows would do, but torch
-    2.13's ``grouped_mm`` backward fails on zero rows ("Invalid strides/sizes"); one zero row for the first
-    local expert, dropped again, sidesteps it and gives the weights a gradient of exactly zero.
-    """
-    x_1D = torch.cat([x_0D, x_0D.new_zeros(1, x_0D.shape[1])])
-    counts_X = torch.zeros(experts.num_experts, dtype=torch.int64, device=x_0D.device)
-    counts_X[0] = 1
-    return experts(x_1D, None, counts_X)[:0]
 
 
 class ExpertParallelDispatcher:
@@ -79,8 +55,17 @@ class ExpertParallelDispatcher:
         """The global indices of the experts this rank owns."""
         return range(self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts)
 
-    def __call__(self, experts: Experts, x_TD: torch.Tensor, rows_A: torch.Tensor,
-                 counts_E: torch.Tensor) -> torch.Tensor:
+    def __call__(self, experts: Experts, x_TD: torch.Tensor, rows_A: torch.Tensor, weight_A: torch.Tensor,
+                 counts_E: torch.Tensor, grad_scale_A: torch.Tensor | None) -> torch.Tensor:
+        """``moe.layer.Dispatcher``: the combined output (T, D) of this rank's grouped assignments, their experts
+        run wherever they live."""
+        y_AD = self.expert_outputs(experts, x_TD, rows_A, counts_E)
+        if grad_scale_A is not None:
+            y_AD = scale_grad(y_AD, grad_scale_A.unsqueeze(1))
+        return scatter_combine(y_AD, rows_A, weight_A, x_TD.shape[0])
+
+    def expert_outputs(self, experts: Experts, x_TD: torch.Tensor, rows_A: torch.Tensor,
+                       counts_E: torch.Tensor) -> torch.Tensor:
         """Expert outputs (A, D) for this rank's grouped assignments, computed wherever their experts live.
 
         Args:
@@ -101,16 +86,13 @@ class ExpertParallelDispatcher:
             send_PX = counts_E.reshape(P, X)
             recv_PX = exchange_counts(send_PX, self.group, num_rows=rows_A.numel())
             send_splits, recv_splits = send_PX.sum(1).tolist(), recv_PX.sum(1).tolist()
-            order_R = source_to_expert_order(recv_PX)
-            inverse_R = torch.empty_like(order_R)
-            inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
-            local_counts_X = recv_PX.sum(0)
+        order_R = source_to_expert_order(recv_PX)
         x_RD = all_to_all(x_AD, send_splits, recv_splits, self.group)  # (R, D) by source, then local expert
-        if order_R.numel() == 0:
-            y_RD = _run_on_no_rows(experts, x_RD)
-        else:
-            y_by_expert_RD = experts(x_RD, order_R, local_counts_X)  # the regrouping gather fused into the GEMM
-            y_RD = y_by_expert_RD.index_select(0, inverse_R)  # back to (source, local expert) order
+        # The regrouping gather is fused into the GEMM. NOTE: with no rows received the output is empty but still
+        # depends on x_RD and the weights (every backend keeps zero-row results in the graph), so this rank's
+        # backward runs the reverse exchange its peers wait for.
+        y_by_expert_RD = experts(x_RD, order_R, recv_PX.sum(0))
+        y_RD = y_by_expert_RD.index_select(0, inverse_permutation(order_R))  # back to (source, local expert) order
         return all_to_all(y_RD, recv_splits, send_splits, self.group)  # (A, D) in this rank's grouped order
 
     def __deepcopy__(self, memo: dict) -> "ExpertParallelDispatcher":

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.layer import MoELayer, run_local_experts
+from moe.layer import LocalDispatcher, MoELayer
 from moe.parallel.dispatcher import ExpertParallelDispatcher
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup) -> nn.M
         if layer.num_experts % P:
             raise ValueError(f"num_experts {layer.num_experts} is not divisible by ep_size {P}: every rank of "
                              "an expert-parallel group must hold the same number of experts")
-        if layer.dispatcher is not run_local_experts or layer.experts.w_gate_up_ED2F.shape[0] != layer.num_experts:
+        if not isinstance(layer.dispatcher, LocalDispatcher) or layer.experts.w_gate_up_ED2F.shape[0] != layer.num_experts:
             raise ValueError("apply_expert_parallel: a MoE layer is already expert-parallel")
     name = expert_group_name(P)
     for layer in layers:

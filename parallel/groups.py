@@ -10,8 +10,8 @@ embeddings, routers, shared experts) is replicated on all W ranks and reduced ov
 
     W = 4, P = 2:   EP groups [0, 1], [2, 3]      expert-data-parallel groups [0, 2], [1, 3]
 
-This is the layout of DeepSpeed's ``groups._create_expert_and_data_parallel(ep_size)`` (its default, "E + D"),
-so the groups built here and the ones DeepSpeed builds for ``ep_size_{P}`` hold the same ranks.
+This is the layout of DeepSpeed's own expert groups (its default, "E + D"); DeepSpeed runs use these groups
+(``moe.parallel.deepspeed.groups`` registers them with it under ``ep_size_{P}``).
 """
 
 from __future__ import annotations
@@ -78,18 +78,9 @@ class ExpertParallelGroups:
         return len(self.ep_ranks)
 
     @property
-    def edp_size(self) -> int:
-        return len(self.edp_ranks)
-
-    @property
     def ep_rank(self) -> int:
         return dist.get_rank(self.ep_group)
 
-    @property
-    def group_name(self) -> str:
-        """The name DeepSpeed gives these groups (``deepspeed.utils.groups``), and the ``group_name`` tag of
-        expert parameters."""
-        return f"ep_size_{self.ep_size}"
 
 
 def build_expert_parallel_groups(world_size: int, rank: int, ep_size: int, num_experts: int | None = None,

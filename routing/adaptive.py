@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from moe.routing.base import Routing
-from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing, topk_indices
+from moe.routing.token_choice import TokenChoiceRouter, topk_indices
 
 
 @dataclass(kw_only=True)
@@ -46,31 +46,13 @@ class AdaptiveOptions:
                              f"got {self.single_expert_weight!r}")
 
 
-def mean_k_capacity_factor(capacity_factor: float | None, indices_TK: torch.Tensor) -> float | None:
-    """The factor that makes ``token_choice_routing``'s ``C = ceil(cf'·K·T/E)`` equal ``ceil(cf·k̄·T/E)``.
-
-    Variable-k routers size the capacity by the group's mean experts per token ``k̄ = A/T`` instead of their
-    slot width K (our choice), i.e. ``C = ceil(cf·A/E)``: the capacity factor keeps its meaning of
-    "slots per expert relative to the load actually asked for". (Equal up to float rounding of ``cf·A/E``.)
-
-    Args:
-        capacity_factor: cf, or None for dropless.
-        indices_TK: (T, K) chosen experts, -1 for an empty slot.
-    """
-    if capacity_factor is None:
-        return None
-    T, K = indices_TK.shape
-    requested = int((indices_TK >= 0).sum())
-    return capacity_factor * requested / max(T * K, 1)
-
-
 class AdaptiveRouter(TokenChoiceRouter):
     """Linear router ``z = W x``; softmax in fp32; one or two experts per token by the gap ``p1 - p2``.
 
     The common ``router.top_k`` and ``router.renormalize`` do not apply (a token gets 1 or 2 experts, with the
     weights above); ``self.top_k = 2`` is the most a token can get. The load-balancing ``f`` follows
     ``router.lb_f_normalization`` over the variable set (docs/routers.md#adaptive: ``first_choice`` suits it too).
-    With a capacity factor, C is sized by the group's mean experts per token (see ``mean_k_capacity_factor``).
+    With a capacity factor, C is sized by the group's mean experts per token (see ``moe.routing.token_choice.mean_k_capacity_factor``).
 
     Args:
         num_experts: E (>= 2).
@@ -117,14 +99,10 @@ class AdaptiveRouter(TokenChoiceRouter):
         indices_TK = torch.where(single_T.unsqueeze(1) & (torch.arange(2, device=x_TD.device) == 1),
                                  torch.full_like(top2_TK, -1), top2_TK)
 
-        return token_choice_routing(
+        return self.variable_k_routing(
             indices_TK,
             weights_TK,
             probs_TE,
-            num_experts=self.num_experts,
-            capacity_factor=mean_k_capacity_factor(self.active_capacity_factor, indices_TK),
-            min_capacity=self.min_capacity,
             losses=self.auxiliary_losses(probs_TE, indices_TK, logits_TE),
-            has_empty_slots=True,
             extra_stats={"single_expert_fraction": single_T.float().mean()},
         )

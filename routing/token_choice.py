@@ -108,6 +108,23 @@ class TokenChoiceRouter(LinearRouter):
         """The capacity factor of the current mode (``train()`` or ``eval()``); None is dropless."""
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
+    def variable_k_routing(self, indices_TK: torch.Tensor, weights_TK: torch.Tensor, probs_TE: torch.Tensor, *,
+                           losses: dict[str, torch.Tensor],
+                           extra_stats: dict[str, torch.Tensor] | None = None) -> Routing:
+        """``token_choice_routing`` for the routers whose tokens take a variable number of experts (empty slots
+        are -1): capacity sized by the mean experts per token (``mean_k_capacity_factor``)."""
+        return token_choice_routing(
+            indices_TK,
+            weights_TK,
+            probs_TE,
+            num_experts=self.num_experts,
+            capacity_factor=mean_k_capacity_factor(self.active_capacity_factor, indices_TK),
+            min_capacity=self.min_capacity,
+            losses=losses,
+            has_empty_slots=True,
+            extra_stats=extra_stats,
+        )
+
     def auxiliary_losses(
         self,
         probs_TE: torch.Tensor,
@@ -154,6 +171,24 @@ def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
         if not bool((values[:, 1:] == values[:, :-1]).any()) and not bool(values.isnan().any()):
             return indices[:, :k]
     return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def mean_k_capacity_factor(capacity_factor: float | None, indices_TK: torch.Tensor) -> float | None:
+    """The factor that makes ``token_choice_routing``'s ``C = ceil(cf'·K·T/E)`` equal ``ceil(cf·k̄·T/E)``.
+
+    Variable-k routers size the capacity by the group's mean experts per token ``k̄ = A/T`` instead of their
+    slot width K (our choice), i.e. ``C = ceil(cf·A/E)``: the capacity factor keeps its meaning of
+    "slots per expert relative to the load actually asked for". (Equal up to float rounding of ``cf·A/E``.)
+
+    Args:
+        capacity_factor: cf, or None for dropless.
+        indices_TK: (T, K) chosen experts, -1 for an empty slot.
+    """
+    if capacity_factor is None:
+        return None
+    T, K = indices_TK.shape
+    requested = int((indices_TK >= 0).sum())
+    return capacity_factor * requested / max(T * K, 1)
 
 
 def token_choice_routing(

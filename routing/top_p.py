@@ -16,9 +16,8 @@ from typing import Literal
 
 import torch
 
-from moe.routing.adaptive import mean_k_capacity_factor
 from moe.routing.base import Routing
-from moe.routing.token_choice import TokenChoiceRouter, token_choice_routing
+from moe.routing.token_choice import TokenChoiceRouter
 
 
 @dataclass(kw_only=True)
@@ -87,7 +86,7 @@ class TopPRouter(TokenChoiceRouter):
     The common ``router.top_k`` and ``router.renormalize`` do not apply; ``self.top_k`` is ``max_experts``, the
     most a token can get. The load-balancing ``f`` uses ``router.lb_f_normalization`` over the variable set
     (``"assignments"``, the default, gives Σf = 1; docs/routers.md#load-balancing). With a capacity factor, C is
-    sized by the group's mean experts per token (``moe.routing.adaptive.mean_k_capacity_factor``).
+    sized by the group's mean experts per token (``moe.routing.token_choice.mean_k_capacity_factor``).
 
     Args:
         num_experts: E.
@@ -124,13 +123,5 @@ class TopPRouter(TokenChoiceRouter):
         weights_TK = probs_TE.gather(1, indices_TK.clamp(min=0))
         own = {"entropy": opts.entropy_loss_coef * entropy_loss(logits_TE)} if opts.entropy_loss_coef > 0 else {}
 
-        return token_choice_routing(
-            indices_TK,
-            weights_TK,
-            probs_TE,
-            num_experts=self.num_experts,
-            capacity_factor=mean_k_capacity_factor(self.active_capacity_factor, indices_TK),
-            min_capacity=self.min_capacity,
-            losses=self.auxiliary_losses(probs_TE, indices_TK, logits_TE, own=own),
-            has_empty_slots=True,
-        )
+        return self.variable_k_routing(indices_TK, weights_TK, probs_TE,
+                                       losses=self.auxiliary_losses(probs_TE, indices_TK, logits_TE, own=own))

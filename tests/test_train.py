@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from moe.config import load_recipe
-from moe.train import lr_at, train
+from moe.trainer import lr_at, train
 
 SMALL = ["model.vocab_size=320", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
          "model.num_kv_heads=1", "model.moe.num_experts=4", "model.moe.expert_hidden_size=16",
@@ -121,7 +121,7 @@ def test_damaged_checkpoint_is_refused_and_resume_falls_back(tmp_path, caplog, d
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_nonfinite_loss_is_skipped_or_stops(tmp_path, monkeypatch, caplog, policy):
-    from moe import train as train_module
+    from moe import trainer as train_module
     from moe.model import MoEModel
 
     real_forward = MoEModel.forward

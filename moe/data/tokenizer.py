@@ -31,17 +31,19 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A ``tokenizer.json`` file, or a folder holding one (e.g. a Hugging Face model folder)."""
+def load_tokenizer(path: str | Path, setting: str | None = "data.tokenizer") -> Tokenizer:
+    """A ``tokenizer.json`` file, or a folder holding one (e.g. a Hugging Face model folder). The one loader of
+    tokenizer files (training data and ``moe generate``); ``setting`` names where the path came from in errors."""
+    prefix = f"{setting}: " if setting else ""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise ValueError(f"data.tokenizer: {path} does not exist (expected a tokenizer.json or a folder with one)")
+        raise ValueError(f"{prefix}{path} does not exist (expected a tokenizer.json or a folder with one)")
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise ValueError(f"data.tokenizer: {path} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # tokenizers raises its own Exception type for malformed files
+        raise ValueError(f"{prefix}{path} is not a valid tokenizer.json ({' '.join(str(e).split())[:200]})") from None
 
 
 def eos_id(tok: Tokenizer) -> int:

@@ -2,8 +2,7 @@
 
     config_map  config.json <-> ``ModelConfig``; which native layout a model matches (and why not)
     weights     reading weight files safely (safetensors; ``.bin`` only with ``weights_only``); name/layout mapping
-    rundir      our run directories (recipe.yaml + model.safetensors) and the tokenizer files beside them
-    import_hf   HF folder -> run directory
+    import_hf   HF folder -> run directory (our format: ``moe.rundir``); any model folder -> config and weights
     export_hf   run directory -> HF folder
 
 Nothing here needs ``transformers``: configs are read and written as JSON, weights with ``safetensors``.

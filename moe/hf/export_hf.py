@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from moe.config import load_recipe
 from moe.hf.config_map import export_layout, hf_config_dict
-from moe.hf.rundir import RECIPE, copy_side_files, is_run_dir, read_run
+from moe.rundir import RECIPE, copy_side_files, is_run_dir, read_run
 from moe.hf.weights import to_hf_state_dict
 
 log = logging.getLogger(__name__)

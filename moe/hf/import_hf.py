@@ -22,7 +22,7 @@ import torch
 
 from moe.config import ModelConfig
 from moe.hf.config_map import model_config_from_hf
-from moe.hf.rundir import check_state, copy_side_files, write_run
+from moe.rundir import check_state, copy_side_files, is_run_dir, read_run, write_run
 from moe.hf.weights import from_hf_state_dict, one_line, read_hf_weights
 
 log = logging.getLogger(__name__)
@@ -119,3 +119,16 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> ImportResult:
     log.debug("imported %s from %s into %s (%s)", model_type, hf_dir, out, ", ".join(copied) or "no tokenizer files")
     return ImportResult(model_type=model_type, config=cfg, num_parameters=sum(t.numel() for t in state.values()),
                         copied=copied, out_dir=out)
+
+
+def read_model_folder(path: str | Path, where: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and weights of a run directory or a Hugging Face folder; ``where`` prefixes the error."""
+    path = Path(path)
+    if is_run_dir(path):
+        recipe, state = read_run(path)
+        return recipe.model, state
+    if (path / "config.json").is_file():
+        cfg, state, _ = read_hf_model(path)
+        return cfg, state
+    raise ValueError(f"{where}: expected a model folder: a run directory (recipe.yaml + model.safetensors, from "
+                     "`moe train` or `moe import`) or a Hugging Face folder (config.json + weights)")

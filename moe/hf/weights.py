@@ -31,25 +31,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from moe.checkpoint import load_safetensors, one_line
 from moe.config import ModelConfig
 
 _MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")  # (gate, up, down)
 _QWEN_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 _MOE_KEY = re.compile(r"^layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(.+)$")
-
-
-def one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
-        raise ValueError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from moe.checkpoint import model_state
 from moe.config import MoEConfig, RouterConfig
 from moe.hf.export_hf import export_hf
-from moe.hf.rundir import build_model, copy_side_files, read_model_folder, write_run
+from moe.rundir import build_model, copy_side_files, write_run
+from moe.hf.import_hf import read_model_folder
 from moe.model import MoEModel
 from moe.upcycle.build import target_moe_config, upcycle_with_report
 from moe.upcycle.options import parse_method_options

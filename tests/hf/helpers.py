@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from moe.config import ModelConfig, MoEConfig, RouterConfig
-from moe.hf.rundir import write_run
+from moe.rundir import write_run
 from moe.model import MoEModel
 
 VOCAB = 97

@@ -4,7 +4,6 @@ and a malicious pickle is refused without running anything."""
 from __future__ import annotations
 
 import json
-import pickle
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from moe.cli import main
 from moe.hf.export_hf import export_hf
 from moe.hf.import_hf import import_hf
 from tests.hf.helpers import make_run, tiny_config
-from tests.exploit import Exploit
+from tests.exploit import Exploit, plant
 
 LLAMA = dict(model_type="llama", vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -100,13 +99,8 @@ def test_missing_tensor_is_named(tmp_path):
 def test_malicious_pickle_is_refused_and_runs_nothing(container, tmp_path):
     folder = _folder(tmp_path)
     marker = tmp_path / "pwned"
-    payload = {"model.norm.weight": torch.ones(8), "evil": Exploit(str(marker))}
     path = folder / "pytorch_model.bin"
-    if container == "zip":
-        torch.save(payload, path)
-    else:
-        with open(path, "wb") as f:
-            pickle.dump(payload, f, protocol=2)
+    plant(path, {"model.norm.weight": torch.ones(8), "evil": Exploit(str(marker))}, container)
     assert not marker.exists()
     error = _import_error(folder, tmp_path)
     assert error.startswith(f"{path}: refused: torch.load(weights_only=True)")

@@ -17,7 +17,7 @@ from moe.generate import generate, load_model
 from moe.hf.config_map import export_layout
 from moe.hf.export_hf import export_hf
 from moe.hf.import_hf import import_hf
-from moe.hf.rundir import read_run
+from moe.rundir import read_run
 from tests.hf.helpers import VOCAB, hf_greedy, make_run, max_diff, tiny_config
 
 transformers = pytest.importorskip("transformers")

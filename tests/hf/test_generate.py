@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe.cli import main
-from moe.generate import ByteTokenizer, FileTokenizer, generate, generate_text, load_model, load_tokenizer
+from moe.generate import ByteTokenizer, FileTokenizer, folder_tokenizer, generate, generate_text, load_model
 from moe.model import MoEModel
 from tests.hf.helpers import VOCAB, hf_greedy, make_run, randomize_, tiny_config
 
@@ -25,15 +25,15 @@ def test_byte_tokenizer_round_trip():
 def test_tokenizer_json_is_used_when_present(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    assert isinstance(folder_tokenizer(tmp_path), ByteTokenizer)
     tok = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    loaded = load_tokenizer(tmp_path)
+    loaded = folder_tokenizer(tmp_path)
     assert isinstance(loaded, FileTokenizer) and loaded.encode("hello world zzz") == [0, 1, 2]
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer.json"):
-        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizer.json"):
+        folder_tokenizer(tmp_path)
 
 
 def _model(**kw) -> MoEModel:

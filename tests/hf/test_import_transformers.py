@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moe.hf.import_hf import import_hf
-from moe.hf.rundir import load_run_model
+from moe.rundir import load_run_model
 from tests.hf.helpers import VOCAB, max_diff, randomize_
 
 transformers = pytest.importorskip("transformers")

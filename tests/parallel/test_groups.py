@@ -1,9 +1,7 @@
-"""Cheapest tier, no processes: the group layout, its start-up errors, and the dispatcher's regrouping."""
+"""Cheapest tier, no processes: the group layout and its start-up errors."""
 
 import pytest
-import torch
 
-from moe.parallel.dispatcher import source_to_expert_order
 from moe.parallel.groups import build_expert_parallel_groups, expert_parallel_layout
 
 
@@ -38,11 +36,3 @@ def test_builder_needs_an_initialised_default_group():
     with pytest.raises(ValueError, match="not initialised"):
         build_expert_parallel_groups(2, 0, 2, 4)
 
-
-def test_source_to_expert_order_worked_example():
-    # P = 2 sources, X = 2 local experts. Received (source-major): s0e0 s0e0 | s0e1 | s1e0 | s1e1 s1e1
-    #                                           rows:              0    1      2      3      4    5
-    recv_PX = torch.tensor([[2, 1], [1, 2]])
-    # expert-major: e0 from s0 (0, 1), e0 from s1 (3), e1 from s0 (2), e1 from s1 (4, 5)
-    assert source_to_expert_order(recv_PX).tolist() == [0, 1, 3, 2, 4, 5]
-    assert source_to_expert_order(torch.zeros(3, 2, dtype=torch.int64)).tolist() == []

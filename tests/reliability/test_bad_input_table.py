@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from moe.cli import main
 from moe.config import ModelConfig, MoEConfig, RouterConfig
-from moe.hf.rundir import write_run
+from moe.rundir import write_run
 from tests.reliability.common import RECIPE, run_moe, small
 
 WIDE_VOCAB = 400  # tokens of the "wrong" tokenizer; the tiny models here have 320 (SMALL) or 300

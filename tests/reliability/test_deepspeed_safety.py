@@ -1,4 +1,4 @@
-"""What ``--resume`` lets DeepSpeed unpickle: ``moe.parallel.deepspeed.check_pickled_files`` on hand-made files, in
+"""What ``--resume`` lets DeepSpeed unpickle: ``moe.parallel.deepspeed.pickle_guard.check_pickled_files`` on hand-made files, in
 this process (no DeepSpeed engine, no process group).
 
 DeepSpeed loads its checkpoint files with ``torch.load(weights_only=False)``; the check disassembles each
@@ -13,15 +13,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from moe.parallel.deepspeed import DEEPSPEED_PICKLE_GLOBALS, check_pickled_files, load_config
+from moe.parallel.deepspeed.config import load_config
+from moe.parallel.deepspeed.pickle_guard import DEEPSPEED_PICKLE_GLOBALS, check_pickled_files
 from tests.reliability.common import RECIPE
-from tests.exploit import Exploit
+from tests.exploit import Exploit, plant
 
 
 
@@ -48,17 +48,13 @@ def test_deepspeeds_own_classes_pass(tmp_path):
 
 
 def _write(path: Path, container: str, marker: Path) -> None:
-    payload = {**_deepspeed_like(), "exploit": Exploit(str(marker))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    if container == "legacy_pickle":
-        with open(path, "wb") as f:
-            pickle.dump(payload, f, protocol=2)
-    elif container == "zip_protocol_4":  # STACK_GLOBAL takes its names from the stack: not disassembled
+    if container == "zip_protocol_4":  # STACK_GLOBAL takes its names from the stack: not disassembled
         torch.save({"w": torch.zeros(2)}, path, pickle_protocol=4)
     elif container == "empty":
         path.write_bytes(b"")
     else:
-        torch.save(payload, path)
+        plant(path, {**_deepspeed_like(), "exploit": Exploit(str(marker))}, container)
 
 
 @pytest.mark.parametrize("container,name,why", [

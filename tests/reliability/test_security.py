@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import pickle
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,18 +22,14 @@ import torch
 from moe.checkpoint import write_manifest
 from moe.cli import main
 from tests.reliability.common import RECIPE, ROOT, moe_command, small, subprocess_env
-from tests.exploit import Exploit
+from tests.exploit import Exploit, plant
 
 
 
 
 def _plant(path: Path, marker: Path, container: str) -> None:
-    payload = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": Exploit(str(marker))}}, "param_groups": []}
-    if container == "zip":
-        torch.save(payload, path)
-    else:
-        with open(path, "wb") as f:
-            pickle.dump(payload, f, protocol=2)
+    plant(path, {"state": {0: {"step": torch.tensor(1.0), "exp_avg": Exploit(str(marker))}}, "param_groups": []},
+          container)
 
 
 @pytest.fixture(scope="module")

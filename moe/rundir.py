@@ -1,5 +1,5 @@
 """Our run directories: ``recipe.yaml`` (the resolved ``Recipe``) + ``model.safetensors`` (the state dict, without
-``lm_head.weight`` when it is tied to the embedding), as ``moe/train.py`` writes them, plus the tokenizer and
+``lm_head.weight`` when it is tied to the embedding), as ``moe.trainer`` writes them, plus the tokenizer and
 generation files that import copies in and export copies out.
 
 Shape legend: V vocab, D model width.
@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from moe.config import ModelConfig, Recipe, TrainConfig, load_recipe
-from moe.hf.weights import load_safetensors
+from moe.checkpoint import load_safetensors
 from moe.model import MoEModel
 
 RECIPE = "recipe.yaml"
@@ -103,18 +103,3 @@ def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
-
-
-def read_model_folder(path: str | Path, where: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The config and weights of a run directory or a Hugging Face folder; ``where`` prefixes the error."""
-    from moe.hf.import_hf import read_hf_model  # import_hf imports this module
-
-    path = Path(path)
-    if is_run_dir(path):
-        recipe, state = read_run(path)
-        return recipe.model, state
-    if (path / "config.json").is_file():
-        cfg, state, _ = read_hf_model(path)
-        return cfg, state
-    raise ValueError(f"{where}: expected a model folder: a run directory (recipe.yaml + model.safetensors, from "
-                     "`moe train` or `moe import`) or a Hugging Face folder (config.json + weights)")
