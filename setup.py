@@ -48,6 +48,7 @@ setup(
         "tokenizers>=0.19",
         "datasets>=2.19",
         "tensorboard>=2.14",
+        "matplotlib>=3.7",  # TensorBoard's expert-load pictures, moe plot
         "deepspeed>=0.14",
         "triton>=3.0; platform_system == 'Linux'",
     ],

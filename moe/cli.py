@@ -27,6 +27,7 @@ from moe.config import load_recipe
 
 
 def _train(args: argparse.Namespace) -> int:
+    from moe.config_io import resolve_recipe
     from moe.trainer import train
 
     overrides = list(args.overrides)
@@ -35,14 +36,23 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
     recipe = load_recipe(args.recipe, overrides)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file; give a directory (it is created if missing)")
-    result = train(recipe, args.out, resume=args.resume, init=args.init, progress=not args.no_progress)
+    out = args.out or os.path.join("runs", resolve_recipe(args.recipe).stem)
+    result = train(recipe, out, resume=args.resume, init=args.init, progress=not args.no_progress,
+                   overwrite=args.overwrite, overrides=overrides)
     if result.rank != 0:  # one summary per run, from rank 0
         return 0
     out = result.out_dir
+    ran = result.steps - result.start_step
+    steps = (f"{ran} steps (steps {result.start_step + 1}-{result.steps}, resumed from step {result.start_step})"
+             if result.start_step else f"{ran} steps")
+    if result.mfu is not None:
+        mfu = f"MFU {result.mfu:.1%}"
+    elif result.peak_known:
+        mfu = "MFU: no steps ran"
+    else:
+        mfu = "MFU: not computed, the device's peak is unknown (set train.peak_tflops=<its TFLOP/s>)"
     print(
-        f"\ndone: {result.steps} steps in {result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s\n"
+        f"\ndone: {steps} in {result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s; {mfu}\n"
         f"  final train loss {result.final_loss:.4f}, validation loss {result.val_loss:.4f} "
         f"(perplexity {math.exp(min(result.val_loss, 50)):.2f})\n"
         f"  logs:        {out / 'metrics.jsonl'}\n"
@@ -147,23 +157,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="benchmarks: `moe bench layer [--json FILE] [--quick]`, `moe bench train`",
-                       add_help=False)
+                       description="`moe bench layer --help` and `moe bench train --help` list each one's options")
     p.add_argument("what", choices=["layer", "train"],
                    help="layer: one MoE layer, forward + backward, against peers; train: tokens/s and MFU per EP size")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of tools/bench_layer.py")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="arguments of the benchmark (tools/bench_layer.py or tools/bench_train.py)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("train", help="train a model from a YAML recipe")
     p.add_argument("recipe", help="a YAML recipe file (e.g. recipes/tiny.yaml) or a built-in recipe name (tiny, tiny-dense, small)")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model.moe.num_experts=4")
-    p.add_argument("--out", default="runs/tiny", help="output directory (default: runs/tiny)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default: runs/<recipe name>); a directory that holds a run needs --resume "
+                        "or --overwrite")
     p.add_argument("--max-steps", type=int, default=None, help="override train.steps")
     p.add_argument("--seed", type=int, default=None, help="override train.seed")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in --out, deleting the run there (only files `moe train` writes)")
     p.add_argument("--init", default=None, metavar="MODEL_DIR",
                    help="start from these weights (a run, `moe import` or `moe upcycle` output)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: plain log lines every train.log_every steps (also when not on a terminal)")
     p.set_defaults(func=_train)
     _add_model_io_commands(sub)
+    for name, subparser in sub.choices.items():
+        if name != "bench":  # bench hands everything after its benchmark's name to the benchmark
+            # SUPPRESS: absent after the subcommand, it leaves the top-level --debug as it was.
+            subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="show tracebacks on errors")
     return parser
 
 
@@ -219,12 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     tag = "" if rank == "0" else f"[rank {rank}] "
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(levelname)s {tag}%(name)s: %(message)s")
+    if not args.debug:
+        # DeepSpeed's own logger (stdout, its own handler) warns about accelerators and deprecations on every
+        # rank; only its errors are shown unless --debug. A filter survives DeepSpeed's later set-up of it.
+        logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as e:  # OSError: a missing, unwritable or full path
         if args.debug:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        # Bad input (ValueError) and failed checkpoint saves (RuntimeError) are decided alike on every rank:
+        # rank 0 says it once. Anything else may be this rank's own (a path only it uses).
+        if rank == "0" or isinstance(e, OSError):
+            print(f"error: {tag}{_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ it is declared.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +51,11 @@ class RouterConfig:
         # Validates the name against the registry (raises ValueError listing the valid names).
         from moe.routing.registry import router_class
 
-        from_dict(router_class(self.name).Options, self.options, "router.options")
+        options_cls = router_class(self.name).Options
+        if self.options and not dataclasses.fields(options_cls):
+            raise ValueError(f"unknown key router.options.{sorted(self.options)[0]}: the {self.name} router takes "
+                             "no options")
+        from_dict(options_cls, self.options, "router.options")
 
     def router_options(self) -> Any:
         """``options`` as the named router's ``Options`` dataclass."""

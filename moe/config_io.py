@@ -119,6 +119,8 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
+        if not fields:
+            raise ValueError(f"unknown key {prefix}{unknown[0]}: {where or 'this section'} takes no keys")
         raise ValueError(
             f"unknown key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: {', '.join(sorted(fields))}"
         )

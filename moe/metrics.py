@@ -140,15 +140,23 @@ class RouterCollapseWatch(_StreakWatch):
 
 
 class MetricsWriter:
-    """``metrics.jsonl`` (appended, one object per record) and TensorBoard event files in ``out_dir``."""
+    """``metrics.jsonl`` (appended, one object per record) and TensorBoard event files in ``out_dir``.
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool = True) -> None:
+    Args:
+        out_dir: the run directory.
+        tensorboard: write TensorBoard events too.
+        purge_step: a resumed run's first step: TensorBoard drops the events a crashed run wrote from there on,
+            so no step appears twice.
+    """
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.jsonl = (out_dir / "metrics.jsonl").open("a")
         self.tb = None
+        self.history: list[tuple[int, torch.Tensor]] = []  # (step, (L, E) load) at every logged step
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -159,21 +167,30 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
 
-    def router_images(self, load_LE: torch.Tensor, step: int) -> None:
-        """Per-layer load histograms and a layers × experts heatmap (brighter = more tokens)."""
+    def router_images(self, load_LE: torch.Tensor, step: int, *, figures: bool = True) -> None:
+        """Per-layer load histograms; with ``figures`` (drawing them takes a fraction of a second each, so the
+        trainer asks at evaluations) a labelled layers × experts heatmap of this step (``moe/load_heatmap``) and
+        per layer the load of every expert over the steps logged so far (``moe/layer{i}/load_over_steps``)."""
         if self.tb is None or load_LE.numel() == 0:
             return
         E = load_LE.shape[1]
+        self.history.append((step, load_LE.clone()))
         for layer, row in enumerate(load_LE):
             # one histogram sample per expert, weighted by its share: the distribution of tokens over experts
             self.tb.add_histogram(f"moe/layer{layer}/expert_load", torch.arange(E).repeat_interleave(
                 (row * 1000).round().long()), step, bins=E)
-        heat = (load_LE / load_LE.max().clamp(min=1e-9)).float()
-        heat = heat.repeat_interleave(8, dim=0).repeat_interleave(max(1, 64 // E), dim=1)
-        self.tb.add_image("moe/load_heatmap_layers_x_experts", heat, step, dataformats="HW")
+        if not figures:
+            return
+        from moe.load_figures import load_heatmap, load_over_steps
+
+        self.tb.add_image("moe/load_heatmap", load_heatmap(load_LE, step), step, dataformats="HWC")
+        steps = [s for s, _ in self.history]
+        for layer in range(load_LE.shape[0]):
+            over = torch.stack([m[layer] for _, m in self.history])
+            self.tb.add_image(f"moe/layer{layer}/load_over_steps", load_over_steps(steps, over, layer), step,
+                              dataformats="HWC")
 
     def close(self) -> None:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
-

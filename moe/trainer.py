@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +30,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moe.config import Recipe, uses_bf16
-from moe.config_io import from_dict, to_dict
+from moe.config_io import from_dict
 from moe.data import BlockSampler, prepare_data
+from moe.data.pipeline import default_cache_dir
 from moe.data.sampler import fixed_batches
 from moe.engine import Engine, build_engine
 from moe.metrics import DeadExpertWatch, MetricsWriter, RouterCollapseWatch, RouterStats
 from moe.model import MoEModel
 from moe.routing.base import Router
+from moe.run_checks import check_out_dir, check_resume, clear_run, merge_init
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ class TrainResult:
     wall_s: float
     out_dir: Path
     rank: int = 0  # this process's rank: only rank 0 wrote the run directory's files
+    start_step: int = 0  # the step a resumed run started from (0: a new run)
+    mfu: float | None = None  # median model FLOPs utilisation of this run's steps, where the peak is known
+    peak_known: bool = False  # whether the device's peak FLOP/s was known (train.peak_tflops or a known GPU)
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -92,18 +99,23 @@ def _peak_flops(recipe: Recipe, device: torch.device) -> float | None:
     return None
 
 
-def read_init(recipe: Recipe, init: Path) -> tuple[Recipe, dict[str, torch.Tensor]]:
-    """The model folder ``init`` (a run directory, or a Hugging Face folder such as ``moe upcycle``'s output):
-    its model config replaces the recipe's (the data and train settings stay), its tokenizer is used when the
-    recipe names none, and its weights are returned to start from."""
+def read_init(recipe: Recipe, init: Path, overrides: list[str] | tuple[str, ...] = ()
+              ) -> tuple[Recipe, dict[str, torch.Tensor], list[str]]:
+    """The model folder ``init`` (a run directory, or a Hugging Face folder such as ``moe upcycle``'s output): its
+    architecture, the recipe's training settings (``moe.run_checks.merge_init``; ``overrides`` are the command
+    line's, checked against the model), its tokenizer when the recipe names none, and its weights to start from.
+    Returns the recipe, the weights and lines saying what came from where."""
     from moe.hf.import_hf import read_model_folder
 
-    model_cfg, state = read_model_folder(init, f"--init {init}")
-    data = recipe.to_dict()
-    data["model"] = to_dict(model_cfg)
+    where = f"--init {init}"
+    model_cfg, state = read_model_folder(init, where)
+    recipe, notes = merge_init(recipe, model_cfg, overrides, where)
     if (init / "tokenizer.json").is_file() and recipe.data.tokenizer is None:
+        data = recipe.to_dict()
         data["data"]["tokenizer"] = str(init / "tokenizer.json")
-    return from_dict(Recipe, data), state
+        recipe = from_dict(Recipe, data)
+        notes.append(f"{where}: tokenizer {init / 'tokenizer.json'}")
+    return recipe, state, notes
 
 
 @torch.no_grad()
@@ -150,11 +162,18 @@ class _NoWriter:
     def write(self, record: dict) -> None:
         pass
 
-    def router_images(self, load_LE: torch.Tensor, step: int) -> None:
+    def router_images(self, load_LE: torch.Tensor, step: int, *, figures: bool = True) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+def _median_mfu(path: Path, after_step: int) -> float | None:
+    """The median ``mfu`` of the training records after ``after_step`` in ``metrics.jsonl`` (None: none)."""
+    values = sorted(r["mfu"] for r in map(json.loads, path.read_text().splitlines())
+                    if "mfu" in r and r.get("step", 0) > after_step)
+    return values[len(values) // 2] if values else None
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -166,12 +185,21 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: str | Path | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train ``recipe``, writing everything to ``out_dir``. See the module docstring for the layout."""
+          progress: bool = True, overwrite: bool = False, overrides: list[str] | tuple[str, ...] = ()
+          ) -> TrainResult:
+    """Train ``recipe``, writing everything to ``out_dir``. See the module docstring for the layout.
+
+    Nothing is written before every check has passed: ``out_dir`` empty or new (or ``resume``: the same
+    architecture and data as the run in it; or ``overwrite``: it holds only a run, deleted then), the data
+    prepared, the checkpoint loaded. ``overrides`` are the command line's dotted overrides, for ``init``'s
+    check that they do not contradict the model.
+    """
     out = Path(out_dir)
-    init_state = None
+    to_clear = check_out_dir(out, resume=resume, overwrite=overwrite)
+    init_state, notes = None, []
     if init is not None:
-        recipe, init_state = read_init(recipe, Path(init))
+        recipe, init_state, notes = read_init(recipe, Path(init), overrides)
+    changed = check_resume(out, recipe) if resume else []
     t = recipe.train
     torch.manual_seed(t.seed)
     model = MoEModel(recipe.model)
@@ -186,21 +214,25 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
     device = engine.device
     autocast = _autocast(recipe, device)
     progress = progress and main
+    bars = progress and sys.stderr.isatty()  # progress bars on a terminal; plain periodic lines otherwise
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        for line in notes:
+            log.info("%s", line)
+        if changed:
+            log.info("--resume with changed settings: %s", "; ".join(changed))
+        if t.warmup_steps >= t.steps:
+            log.warning("train.warmup_steps (%d) >= train.steps (%d): the learning rate rises the whole run and "
+                        "never reaches train.lr (%g), nor decays", t.warmup_steps, t.steps, t.lr)
 
     def prepare():
         return prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=t.seed,
-                            progress=progress)
+                            progress=bars)
 
     # Rank 0 tokenises and caches; the others then read its cache (and never race it for the CPU).
     data = prepare() if main else None
     engine.barrier()
     if data is None:
         data = prepare()
-    if main:
-        shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
     sampler = BlockSampler(data.train_blocks, t.micro_batch_size * W, t.seed)
     rows = _shard_rows(t.micro_batch_size * W, rank, W)
     val_batches = fixed_batches(data.val_blocks, t.micro_batch_size * W, t.eval_batches)
@@ -211,11 +243,26 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
     if resume:
         log.info("resumed at step %d", start) if start else log.warning(
             "--resume: no checkpoint under %s, starting from step 0", ckpt_root)
-    if main and start == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    elif main:
-        _truncate_metrics(out / "metrics.jsonl", start)
-    writer = MetricsWriter(out) if main else _NoWriter()
+    for router in routers:
+        router.check_ready()
+    # Every check has passed: from here on the run directory is written.
+    if main:
+        if to_clear:
+            log.info("--overwrite: deleting the run in %s (%s)", out, ", ".join(to_clear))
+            clear_run(out, to_clear)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
+        if start == 0:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            _truncate_metrics(out / "metrics.jsonl", start)
+    engine.barrier()
+    if main:
+        # matplotlib (TensorBoard's load pictures) keeps its font cache in MPLCONFIGDIR, by default under the home
+        # folder: point it into our cache, so that a run writes only under --out and the cache.
+        os.environ.setdefault("MPLCONFIGDIR", str(Path(recipe.data.cache_dir or default_cache_dir()) / "matplotlib"))
+    writer = MetricsWriter(out, purge_step=start + 1 if start else None) if main else _NoWriter()
     stats, dead = RouterStats(), DeadExpertWatch(t.dead_expert_steps)
     collapse = RouterCollapseWatch(t.dead_expert_steps)
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * W
@@ -226,7 +273,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
 
     loss_val, val_loss, wall = float("nan"), float("nan"), 0.0
     skipped = consecutive_skips = 0
-    bar = tqdm(range(start, t.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(range(start, t.steps), desc="train", unit="step", disable=not bars, dynamic_ncols=True,
                initial=start, total=t.steps)
     for step in bar:
         step_start = time.perf_counter()
@@ -272,27 +319,35 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         load = stats.load_matrix()
         dead.update(load, step + 1)
         collapse.update(stats.token_share_matrix(), step + 1)
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+        last = step + 1 == t.steps
+        evaluating = bool(t.eval_every and (step + 1) % t.eval_every == 0) or last
+        if (step + 1) % t.log_every == 0 or last:
             for i, layer in enumerate(stats.per_layer()):
                 record.update({f"moe/layer{i}/{k}": v for k, v in layer.items()})
-            writer.router_images(load, step + 1)
+            writer.router_images(load, step + 1, figures=evaluating)
             bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.1e}")
+            if main and not bars:
+                log.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s%s", step + 1, t.steps, loss_val, lr,
+                         f"{tokens_per_step / step_s:,.0f}", f", {skipped} skipped" if skipped else "")
         writer.write(record)
-        last = step + 1 == t.steps
-        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            val_loss = _evaluate(engine, val_batches, device, autocast, progress and main)
+        if evaluating:
+            val_loss = _evaluate(engine, val_batches, device, autocast, bars)
             writer.write({"step": step + 1, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            if main and not bars:
+                log.info("step %d/%d: validation loss %.4f (perplexity %.2f)", step + 1, t.steps, val_loss,
+                         math.exp(min(val_loss, 50)))
         if (t.save_every and (step + 1) % t.save_every == 0) or last:
             engine.save(ckpt_root, step + 1, t.keep_checkpoints)
     writer.close()
     if start >= t.steps:
         log.info("nothing to train: the checkpoint is already at step %d of %d", start, t.steps)
-        val_loss = _evaluate(engine, val_batches, device, autocast, progress and main)
+        val_loss = _evaluate(engine, val_batches, device, autocast, bars)
     state = engine.model_state()  # collective: the experts come from every rank
     if main:
         save_file(state, str(out / "model.safetensors"))
     run_steps = max(t.steps - start, 0)
     return TrainResult(steps=t.steps, final_loss=loss_val, val_loss=val_loss,
                        tokens_per_s=run_steps * tokens_per_step / wall if wall else 0.0, wall_s=wall, out_dir=out,
-                       rank=rank)
+                       rank=rank, start_step=start, mfu=_median_mfu(out / "metrics.jsonl", start) if main else None,
+                       peak_known=peak is not None)
 

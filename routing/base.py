@@ -78,6 +78,10 @@ class Router(nn.Module):
                 seq_len: int | None = None) -> Routing:  # pragma: no cover
         raise NotImplementedError
 
+    def check_ready(self) -> None:
+        """``ValueError`` (one line, naming the setting that fixes it) if the router cannot route yet; the trainer
+        asks before it writes anything. Routers with nothing to prepare are always ready."""
+
     def on_optimizer_step(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Called by the trainer once after every optimizer step, e.g. to update a load-balancing bias from
         the load observed over the step's micro-batches. Routers without such state have nothing to do.

@@ -216,6 +216,14 @@ class HashRouter(Router):
             raise ValueError(f"fit_balanced: expected {self.vocab_size} token counts, got shape {tuple(counts_V.shape)}")
         self.table.copy_(balanced_hash_table(counts_V, self.num_experts).view(1, -1))
 
+    _UNFITTED = ("balanced hashing: the table has not been fitted; set router.options.token_counts_path (a JSON "
+                 "list of the training data's token counts, one per vocabulary entry), or start from a checkpoint "
+                 "that holds the table (--init or --resume)")
+
+    def check_ready(self) -> None:
+        if bool((self.table < 0).any()):
+            raise ValueError(self._UNFITTED)
+
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None,
                 seq_len: int | None = None) -> Routing:
         T = x_TD.shape[0]
@@ -232,8 +240,7 @@ class HashRouter(Router):
                                  f"[{int(ids_T.min())}, {int(ids_T.max())}]")
             experts_TN = self.table[:, ids_T].t()  # (T, N)
             if T and int(experts_TN.min()) < 0:
-                raise RuntimeError("balanced hashing: the table has not been fitted; set router.options."
-                                   "token_counts_path, call fit_balanced(counts), or load a checkpoint")
+                raise RuntimeError(self._UNFITTED + " (in Python: HashRouter.fit_balanced(counts))")
             if N == 1:
                 first_TN = torch.ones_like(experts_TN, dtype=torch.bool)
                 weight_TN = torch.ones(T, 1, dtype=router_dtype(x_TD), device=x_TD.device)

@@ -40,11 +40,9 @@ class SwitchRouter(TopKRouter):
     @classmethod
     def kwargs_from_config(cls, moe_cfg, hidden_size: int) -> dict[str, Any]:
         rc = moe_cfg.router
-        if rc.top_k != 1:
-            raise ValueError(f"router.top_k must be 1 for the switch router, got {rc.top_k}")
-        if rc.renormalize:
-            raise ValueError(
-                "router.renormalize must be false for the switch router: a renormalised top-1 weight is "
-                "exactly 1 and gives the router no task gradient"
-            )
+        wrong = ([f"router.top_k must be 1 for the switch router, got {rc.top_k}"] if rc.top_k != 1 else []) + (
+            ["router.renormalize must be false for the switch router: a renormalised top-1 weight is exactly 1 "
+             "and gives the router no task gradient"] if rc.renormalize else [])
+        if wrong:
+            raise ValueError("; ".join(wrong))
         return super().kwargs_from_config(moe_cfg, hidden_size)

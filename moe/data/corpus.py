@@ -67,9 +67,16 @@ def _format_of(files: list[Path], fmt: str) -> str:
         return "parquet"
     if suffixes <= _TEXT_SUFFIXES:
         return "text"
+    known = _JSON_SUFFIXES | _TEXT_SUFFIXES | {".parquet"}
+    odd = [p for p in files if p.suffix.lower() not in known] or files  # unknown kinds, else a mix of known ones
+    shown = sorted({p.suffix.lower() for p in odd}, key=lambda x: (x != "", x))
+    examples = {}
+    for p in odd:  # one file of each kind
+        examples.setdefault(p.suffix.lower(), p)
     raise ValueError(
-        f"data.source: cannot tell the format of {', '.join(sorted(suffixes))} files; set data.format to "
-        "text, json or parquet (or use one kind of file)"
+        f"data.source: cannot tell the format of {', '.join(x or 'suffix-less' for x in shown)} files; set "
+        "data.format to text, json or parquet (or use one kind of file): "
+        + ", ".join(str(examples[x]) for x in shown[:4])
     )
 
 

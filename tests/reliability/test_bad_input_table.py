@@ -64,6 +64,9 @@ def fx(tmp_path_factory, data_cache) -> SimpleNamespace:
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
     (d / "nonutf8.yaml").write_bytes(b"model: {vocab_size: 3}  # \xff\xfe\n")
     (d / "emptydir").mkdir()
+    (d / "mixed").mkdir()
+    (d / "mixed" / "notes.md").write_text("# notes\n" * 50)
+    (d / "mixed" / "LICENSE").write_text("Permission is hereby granted\n" * 50)
     _wide_tokenizer(d / "tok_wide.json")
 
     f.run = _run_dir(d / "run")
@@ -124,7 +127,7 @@ CASES = {
     "unknown_router": (lambda f: _train(f, "model.moe.router.name=magic"),
                        ["unknown router 'magic'; valid routers: topk", "expert_choice"]),
     "unknown_router_option": (lambda f: _train(f, "model.moe.router.options.foo=1"),
-                              ["unknown key router.options.foo"]),
+                              ["unknown key router.options.foo: the topk router takes no options"]),
     "bad_lb_normalization": (lambda f: _train(f, "model.moe.router.lb_f_normalization=sum"),
                              ["lb_f_normalization: 'sum' is not one of 'assignments' | 'first_choice' | 'tokens'"]),
     "unknown_backend": (lambda f: _train(f, "model.moe.backend=cuda"),
@@ -260,6 +263,30 @@ CASES = {
                            ["already an MoE model (4 experts); upcycling needs a dense one"]),
     "init_recipe_malformed": (lambda f: _train(f, "--init", str(f.d / "bad_recipe")),
                               ["bad_recipe/recipe.yaml is not valid YAML"]),
+    # -- run directories: never mixed, never rewritten before the checks pass --
+    "out_holds_a_run": (lambda f: _train(f, "--out", str(f.run)),
+                        ["run already holds a run (model.safetensors, recipe.yaml); continue it with --resume, "
+                         "start over with --overwrite"]),
+    "resume_and_overwrite": (lambda f: _train(f, "--resume", "--overwrite"),
+                             ["--resume continues the run in --out and --overwrite deletes it: give one of them"]),
+    "overwrite_foreign_files": (lambda f: _train(f, "--out", str(f.d / "mixed"), "--overwrite"),
+                                ["--overwrite:", "holds files that `moe train` did not write (LICENSE, notes.md)"]),
+    "resume_changed_architecture": (lambda f: _train(f, "--out", str(f.run), "--resume"),
+                                    ["--resume: the recipe differs from the run's", "in what cannot change:",
+                                     "model.hidden_size: 16 in the run, 32 now", "model.vocab_size: 300 in the run"]),
+    "init_conflicting_override": (lambda f: _train(f, "--init", str(f.run), "model.hidden_size=64"),
+                                  ["the architecture comes from the model, and these overrides contradict it: ",
+                                   "model.hidden_size=64 (the model has 16)"]),
+    # -- router settings --
+    "switch_both_requirements": (lambda f: _train(f, "model.moe.router.name=switch"),
+                                 ["router.top_k must be 1 for the switch router, got 2",
+                                  "router.renormalize must be false for the switch router"]),
+    "balanced_hash_without_counts": (lambda f: _train(f, "model.moe.router.name=hash",
+                                                      "model.moe.router.options.hash_function=balanced"),
+                                     ["balanced hashing: the table has not been fitted; set "
+                                      "router.options.token_counts_path"]),
+    "corpus_with_a_suffixless_file": (lambda f: _train(f, f"data.source={f.d / 'mixed'}"),
+                                      ["cannot tell the format of suffix-less files", "mixed/LICENSE"]),
 }
 
 # Inputs known to break the contract (name -> reason); empty now, kept for the xfail(strict) mechanism.
@@ -290,11 +317,18 @@ def test_the_table_is_large_enough():
                                   if c in KNOWN_BUGS else c for c in CASES])
 def test_bad_input_gives_one_error_line(case, fx, capsys):
     argv, expected = CASES[case]
+    before = _snapshot(fx.d)
     try:
         rc = main(argv(fx))
     except SystemExit as e:  # argparse's errors
         rc = e.code
     check_one_line_error(rc, capsys.readouterr().err, expected)
+    assert _snapshot(fx.d) == before, "bad input must leave every file it found exactly as it was"
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (the fixtures and every --out of the table) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # A few rows again as a user runs them; most under ``python -O`` (no asserts). Each is a Python start (~3 s).
