@@ -13,11 +13,18 @@ Backward: ``dx`` reuses the forward kernel with ``w`` transposed through its str
 ``index_add_`` over ``rows_A`` (a token can be used by several assignments under top-k); ``dw`` has its
 own kernel that gathers ``x`` rows by index as well.
 
+Tiles come from ``moe.kernels.triton_tiles`` (by GPU family, operand type and rows per expert). Offsets
+that multiply a block index by a stride are 64-bit, so tensors past 2^31 elements are addressed exactly.
+
 On CPU the kernels run only under the Triton interpreter: ``TRITON_INTERPRET=1`` must be in the
 environment before this module is imported, because ``triton.jit`` picks the backend when it decorates.
+Launches go through a ``Runtime`` (``use_runtime``): ``moe.kernels.triton_aot`` records them there to compile
+them for sm_90 and sm_80 on a machine without a GPU.
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -38,12 +45,10 @@ except ImportError as err:
     tl = SimpleNamespace(constexpr=None)
     InterpretedFunction = None
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from moe.kernels import triton_tiles
+from moe.kernels.triton_tiles import Tile
 
-# Tile sizes. GPU: usual grouped-GEMM tiles. CPU interpreter: small tiles, so that tiny test shapes span
-# several row blocks per expert and several K/N tiles, exercising every mask; 16 is tl.dot's minimum.
-_GPU_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
-_CPU_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -59,8 +64,9 @@ def _gather_mm_kernel(
 ):
     """One (BLOCK_M, BLOCK_N) tile of ``y_AN = x_TK[rows_A] @ w_EKN[e]``; a row block never spans two experts."""
     pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_b)
+    # 64-bit block indices: n * stride_wn reaches K * N (the transposed weight of the input gradient)
+    pid_n = tl.program_id(1).to(tl.int64)
+    e = tl.load(block_expert_ptr + pid_b)  # int64, from the int64 table: e * stride_we stays exact
     start = tl.load(block_start_ptr + pid_b)
     end = tl.load(block_end_ptr + pid_b)  # end of the expert's rows: masks the padding of its last block
 
@@ -89,7 +95,15 @@ def _gather_mm_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     y_ptrs = y_ptr + a_M[:, None] * stride_ya + n_N[None, :] * stride_yn
-    tl.store(y_ptrs, acc_MN.to(y_ptr.dtype.element_ty), mask=mask_M[:, None] & mask_N[None, :])
+    if UPCAST and y_ptr.dtype.element_ty == tl.bfloat16:
+        # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even. Round here alike
+        # (bits + 0x7FFF + the lowest kept bit, then keep the top 16; finite values).
+        bits = acc_MN.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        y_MN = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y_MN = acc_MN.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, y_MN, mask=mask_M[:, None] & mask_N[None, :])
 
 
 @triton.jit
@@ -103,9 +117,10 @@ def _gather_mm_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_K, BLOCK_N) tile of ``dw_EKN[e] = x_TK[rows of e].T @ dy_AN[rows of e]``."""
-    e = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    # 64-bit block indices: e * stride_dwe passes 2^31 once E * K * N does (it wrapped in int32 before)
+    e = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2).to(tl.int64)
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
 
@@ -133,7 +148,13 @@ def _gather_mm_dw_kernel(
         acc_KN = tl.dot(xt_KM, dy_MN, acc_KN, input_precision=PRECISION)
 
     dw_ptrs = dw_ptr + e * stride_dwe + k_K[:, None] * stride_dwk + n_N[None, :] * stride_dwn
-    tl.store(dw_ptrs, acc_KN.to(dw_ptr.dtype.element_ty), mask=mask_K[:, None] & mask_N[None, :])
+    if UPCAST and dw_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even, as in _gather_mm_kernel
+        bits = acc_KN.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        dw_KN = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        dw_KN = acc_KN.to(dw_ptr.dtype.element_ty)
+    tl.store(dw_ptrs, dw_KN, mask=mask_K[:, None] & mask_N[None, :])
 
 
 def is_available(device: torch.device, dtype: torch.dtype = torch.float32, k: int = 0, n: int = 0) -> tuple[bool, str]:
@@ -193,24 +214,57 @@ def _make_groups(counts_E: torch.Tensor, rows_A: torch.Tensor | None, T: int, bl
     return _Groups(offsets_E1, expert_B, start_B, end_B)
 
 
-def _blocks(device: torch.device) -> dict[str, int]:
-    return _GPU_BLOCKS if device.type == "cuda" else _CPU_BLOCKS
+class Runtime:
+    """Where the wrappers' launches go: a CUDA device, or the interpreter on a CPU. ``triton_aot`` swaps in
+    one that records the launches instead, to compile them for a GPU that is not there (``use_runtime``)."""
+
+    def arch(self, device: torch.device) -> int | None:
+        """Compute capability as an int (90 for sm_90) of a CUDA device; None under the interpreter."""
+        if device.type != "cuda":
+            return None
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+
+    def check(self, device: torch.device) -> None:
+        ok, reason = is_available(device)
+        if not ok:
+            raise RuntimeError(f"triton gather_grouped_mm unavailable on {device}: {reason}")
+
+    def launch(self, kernel, grid: tuple[int, ...], args: dict, tile: Tile) -> None:
+        kernel[grid](**args, num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    # NOTE: the Triton interpreter stores bf16 as uint16 and its tl.dot multiplies those raw bits as
-    # integers (garbage results), so under the interpreter bf16 tiles are upcast to fp32 first.
+_runtime = Runtime()
+
+
+@contextmanager
+def use_runtime(runtime: Runtime) -> Iterator[Runtime]:
+    """Send this module's launches to ``runtime`` inside the ``with`` block."""
+    global _runtime
+    saved, _runtime = _runtime, runtime
+    try:
+        yield runtime
+    finally:
+        _runtime = saved
+
+
+def _dot_flags(dtype: torch.dtype, arch: int | None) -> dict:
+    # NOTE: the Triton interpreter (arch None) stores bf16 as uint16 and its tl.dot multiplies those raw bits
+    # as integers (garbage results), so under the interpreter bf16 tiles are upcast to fp32 first (exact, as
+    # the GPU's bf16 MMA products are) and stores round to nearest explicitly (see the kernels).
     # fp32 follows torch's matmul precision setting: exact ("ieee") by default, TF32 when allowed.
-    interpreted = isinstance(_gather_mm_kernel, InterpretedFunction)
+    return {"UPCAST": arch is None and dtype == torch.bfloat16, "PRECISION": _precision(dtype)}
+
+
+def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        precision = "ieee"
-    else:
-        precision = "tf32"  # Triton's default; only consulted for fp32 operands
-    return {"UPCAST": interpreted and dtype == torch.bfloat16, "PRECISION": precision}
+        return "ieee"
+    return "tf32"  # Triton's default; only consulted for fp32 operands
 
 
 def _launch_gather_mm(
-    x_TK: torch.Tensor, rows_A: torch.Tensor | None, w_EKN: torch.Tensor, groups: _Groups, out_dtype: torch.dtype
+    x_TK: torch.Tensor, rows_A: torch.Tensor | None, w_EKN: torch.Tensor, groups: _Groups, out_dtype: torch.dtype,
+    tile: Tile, arch: int | None,
 ) -> torch.Tensor:
     """``y_AN = x_TK[rows_A] @ w_EKN[e]`` per group; ``w_EKN`` may be any strided view (e.g. transposed)."""
     A = x_TK.shape[0] if rows_A is None else rows_A.numel()
@@ -218,11 +272,10 @@ def _launch_gather_mm(
     # Every row lies in some expert's block (counts sum to A), so the kernel writes all of y.
     y_AN = torch.empty(A, N, dtype=out_dtype, device=x_TK.device)
     num_blocks = groups.expert_B.numel()
-    blocks = _blocks(x_TK.device)
     if num_blocks == 0 or N == 0:
         return y_AN.zero_()
-    grid = (num_blocks, triton.cdiv(N, blocks["BLOCK_N"]))
-    _gather_mm_kernel[grid](
+    grid = (num_blocks, triton.cdiv(N, tile.block_n))
+    args = dict(
         x_ptr=x_TK,
         rows_ptr=x_TK if rows_A is None else rows_A,  # unused when HAS_ROWS is False
         w_ptr=w_EKN,
@@ -240,23 +293,26 @@ def _launch_gather_mm(
         stride_ya=y_AN.stride(0),
         stride_yn=y_AN.stride(1),
         HAS_ROWS=rows_A is not None,
-        **_dot_flags(x_TK.dtype),
-        **blocks,
+        **_dot_flags(x_TK.dtype, arch),
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k,
     )
+    _runtime.launch(_gather_mm_kernel, grid, args, tile)
     return y_AN
 
 
 def _launch_gather_mm_dw(
-    x_TK: torch.Tensor, rows_A: torch.Tensor | None, dy_AN: torch.Tensor, groups: _Groups, E: int
+    x_TK: torch.Tensor, rows_A: torch.Tensor | None, dy_AN: torch.Tensor, groups: _Groups, E: int,
+    tile: Tile, arch: int | None,
 ) -> torch.Tensor:
     """``dw_EKN[e] = x_TK[rows of e].T @ dy_AN[rows of e]``; zero for experts with no rows."""
     K, N = x_TK.shape[1], dy_AN.shape[1]
     dw_EKN = torch.empty(E, K, N, dtype=x_TK.dtype, device=x_TK.device)
-    blocks = _blocks(x_TK.device)
     if E == 0 or K == 0 or N == 0:
         return dw_EKN.zero_()
-    grid = (E, triton.cdiv(K, blocks["BLOCK_K"]), triton.cdiv(N, blocks["BLOCK_N"]))
-    _gather_mm_dw_kernel[grid](
+    grid = (E, triton.cdiv(K, tile.block_k), triton.cdiv(N, tile.block_n))
+    args = dict(
         x_ptr=x_TK,
         rows_ptr=x_TK if rows_A is None else rows_A,  # unused when HAS_ROWS is False
         dy_ptr=dy_AN,
@@ -272,36 +328,48 @@ def _launch_gather_mm_dw(
         stride_dwk=dw_EKN.stride(1),
         stride_dwn=dw_EKN.stride(2),
         HAS_ROWS=rows_A is not None,
-        **_dot_flags(x_TK.dtype),
-        **blocks,
+        **_dot_flags(x_TK.dtype, arch),
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k,
     )
+    _runtime.launch(_gather_mm_dw_kernel, grid, args, tile)
     return dw_EKN
+
+
+class _Plan(NamedTuple):
+    """What one call launches: the GPU's compute capability (None: the interpreter) and the tiles."""
+
+    arch: int | None
+    mm: Tile  # forward and input gradient; its block_m is the block table's
+    dw: Tile
 
 
 class _GatherGroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TK, rows_A, w_EKN, groups):
+    def forward(ctx, x_TK, rows_A, w_EKN, groups, plan):
         ctx.save_for_backward(x_TK, rows_A, w_EKN, *groups)
-        return _launch_gather_mm(x_TK, rows_A, w_EKN, groups, out_dtype=x_TK.dtype)
+        ctx.plan = plan
+        return _launch_gather_mm(x_TK, rows_A, w_EKN, groups, x_TK.dtype, plan.mm, plan.arch)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_AN):
         x_TK, rows_A, w_EKN, *group_tensors = ctx.saved_tensors
-        groups = _Groups(*group_tensors)
+        groups, plan = _Groups(*group_tensors), ctx.plan
         dx_TK = dw_EKN = None
         if ctx.needs_input_grad[0]:
             # dy_AN is already grouped, so no gather; w_EKN.transpose(1, 2) is (E, N, K) by strides only.
             # fp32 out, so that a token used by several assignments is summed before the one rounding.
-            dx_AK = _launch_gather_mm(dy_AN, None, w_EKN.transpose(1, 2), groups, out_dtype=torch.float32)
+            dx_AK = _launch_gather_mm(dy_AN, None, w_EKN.transpose(1, 2), groups, torch.float32, plan.mm, plan.arch)
             if rows_A is None:
                 dx_TK = dx_AK.to(x_TK.dtype)
             else:
                 dx_TK = torch.zeros(x_TK.shape, dtype=torch.float32, device=x_TK.device)
                 dx_TK = dx_TK.index_add_(0, rows_A, dx_AK).to(x_TK.dtype)
         if ctx.needs_input_grad[2]:
-            dw_EKN = _launch_gather_mm_dw(x_TK, rows_A, dy_AN, groups, E=w_EKN.shape[0])
-        return dx_TK, None, dw_EKN, None
+            dw_EKN = _launch_gather_mm_dw(x_TK, rows_A, dy_AN, groups, w_EKN.shape[0], plan.dw, plan.arch)
+        return dx_TK, None, dw_EKN, None, None
 
 
 def gather_grouped_mm(
@@ -336,15 +404,18 @@ def gather_grouped_mm(
         raise ValueError(f"counts_E must be integer of shape ({E},), got {counts_E.dtype} {tuple(counts_E.shape)}")
     if rows_A is not None and (rows_A.dim() != 1 or rows_A.is_floating_point()):
         raise ValueError(f"rows_A must be a 1-D integer tensor or None, got {rows_A.dtype} {tuple(rows_A.shape)}")
+    arch = _runtime.arch(x_TK.device)
+    A = T if rows_A is None else rows_A.numel()
+    precision = _precision(x_TK.dtype)
+    plan = _Plan(arch, triton_tiles.pick("mm", arch, x_TK.dtype, precision, A, E),
+                 triton_tiles.pick("dw", arch, x_TK.dtype, precision, A, E))
     with torch.no_grad():
         counts_E = counts_E.to(device=x_TK.device, dtype=torch.int64)
         if rows_A is not None:
             rows_A = rows_A.to(device=x_TK.device, dtype=torch.int64)
-        groups = _make_groups(counts_E, rows_A, T, _blocks(x_TK.device)["BLOCK_M"])
-    ok, reason = is_available(x_TK.device)
-    if not ok:
-        raise RuntimeError(f"triton gather_grouped_mm unavailable on {x_TK.device}: {reason}")
-    return _GatherGroupedMM.apply(x_TK, rows_A, w_EKN, groups)
+        groups = _make_groups(counts_E, rows_A, T, plan.mm.block_m)
+    _runtime.check(x_TK.device)
+    return _GatherGroupedMM.apply(x_TK, rows_A, w_EKN, groups, plan)
 
 
 def grouped_mm(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

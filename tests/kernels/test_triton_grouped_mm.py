@@ -72,16 +72,24 @@ CASES = [
     "top2_repeated_tokens",
     "grouped_identity_multiblock",
 ]
-# rtol on each element, plus atol as that fraction of the reference's largest magnitude. fp32 accumulates
-# exactly as torch would; bf16/fp16 pay one rounding of the fp32 result (2^-8 / 2^-11 relative).
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# Each element may differ from the float64 result by one rounding of the fp32 accumulator to the output
+# dtype, to nearest as the GPU rounds: half a unit in the last place, at most 2^-8 of the value in bf16 and
+# 2^-11 in fp16 (truncation would cost up to 2^-7 and 2^-10: test_bf16_tolerance_rejects_truncation), plus
+# the fp32 accumulation's error, 1e-5 of the reference's largest magnitude.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+ACCUMULATION = 1e-5
 
 
 def assert_close_to(actual: torch.Tensor, expected_f64: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     assert actual.dtype == dtype, (what, actual.dtype)
-    tol = TOLERANCE[dtype]
-    atol = tol * max(expected_f64.abs().max().item(), 1e-12)
-    torch.testing.assert_close(actual.double(), expected_f64, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+    atol = ACCUMULATION * max(expected_f64.abs().max().item(), 1e-12)
+    torch.testing.assert_close(actual.double(), expected_f64, rtol=RTOL[dtype], atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def truncate_to_bf16(x_f32: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 by dropping the low 16 bits (what Triton's interpreter does for ``.to(tl.bfloat16)``)."""
+    return (x_f32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def run_case(name: str, dtype: torch.dtype) -> None:
@@ -127,6 +135,37 @@ def test_float32_matches_loop_and_reference(name: str) -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_half_precision_matches_float64_loop(name: str, dtype: torch.dtype) -> None:
     run_case(name, dtype)
+
+
+def test_bf16_tolerance_rejects_truncation() -> None:
+    """The bf16 bound above fails a result truncated instead of rounded, so the interpreter tests would catch
+    a store that truncates (the GPU rounds to nearest even)."""
+    gen = torch.Generator().manual_seed(3)
+    exact = torch.randn(64, 40, generator=gen, dtype=torch.float64)
+    assert_close_to(exact.float().to(torch.bfloat16), exact, torch.bfloat16, "rounded")
+    with pytest.raises(AssertionError):
+        assert_close_to(truncate_to_bf16(exact.float()), exact, torch.bfloat16, "truncated")
+
+
+@needs_triton
+def test_bf16_outputs_are_the_fp32_result_rounded_to_nearest() -> None:
+    """y and dw in bf16 equal torch's round-to-nearest of the exact result. Integer inputs below 256 are exact
+    in bf16 and every sum here stays below 2^24, so fp32 accumulates exactly in any order and the only
+    difference left is the final rounding."""
+    gen = torch.Generator().manual_seed(4)
+    counts_E = torch.tensor([5, 0, 27])
+    x_AK = torch.randint(-255, 256, (32, 16), generator=gen).to(torch.bfloat16)
+    w_EKN = torch.randint(-255, 256, (3, 16, 48), generator=gen).to(torch.bfloat16)
+    dy_AN = torch.randint(-255, 256, (32, 48), generator=gen).to(torch.bfloat16)
+    w = w_EKN.to(DEVICE).requires_grad_()
+    y = tgm.grouped_mm(x_AK.to(DEVICE), w, counts_E)
+    y.backward(dy_AN.to(DEVICE))
+    w32 = w_EKN.float().detach().requires_grad_()
+    y32 = reference.grouped_mm(x_AK.float(), w32, counts_E)
+    y32.backward(dy_AN.float())
+    for got, exact, what in ((y.detach().cpu(), y32.detach(), "y"), (w.grad.cpu(), w32.grad, "dw")):
+        assert torch.equal(got, exact.to(torch.bfloat16)), what
+        assert not torch.equal(got, truncate_to_bf16(exact)), f"{what}: the check must tell rounding from truncation"
 
 
 @needs_triton
@@ -195,3 +234,58 @@ def test_is_available_on_cpu_needs_interpreter(monkeypatch) -> None:
     ok, reason = tgm.is_available(torch.device("cpu"))
     assert not ok
     assert "TRITON_INTERPRET=1" in reason
+
+
+# 64-bit offsets. Strided views into one buffer of 2^32 + a few bf16 elements (8 GiB of address space; only the
+# pages written or read are ever touched) put a block index times a stride past 2^31 elements, where int32
+# arithmetic wraps: views start at element 2^31, so the wrapped address (2^31 lower) still lies inside the
+# buffer and a wrapping kernel reads or writes the wrong place instead of crashing.
+BIG_BASE = 2**31
+BIG_STRIDE = 2**30  # below 2^31, so Triton passes it as int32; twice it is not
+
+
+@pytest.fixture(scope="module")
+def big_buffer() -> torch.Tensor:
+    return torch.empty(BIG_BASE + 2 * BIG_STRIDE + 4096, dtype=torch.bfloat16)
+
+
+@needs_triton
+def test_weight_gradient_offsets_are_64_bit(big_buffer) -> None:
+    """The dw kernel writes expert e at e * stride_dwe: past 2^31 for e = 2 here (it wrapped in int32)."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the 8 GiB strided view is an interpreter test")
+    E, K, N, M = 3, 16, 32, 8
+    dw = big_buffer.as_strided((E, K, N), (BIG_STRIDE, N, 1), storage_offset=BIG_BASE)
+    dw.fill_(7.0)
+    wrapped = big_buffer[BIG_BASE + 2 * BIG_STRIDE - 2**32:][: K * N]  # where e = 2 lands if it wraps
+    wrapped.zero_()
+    gen = torch.Generator().manual_seed(5)
+    x_AK = torch.randn(E * M, K, generator=gen).to(torch.bfloat16)
+    dy_AN = torch.randn(E * M, N, generator=gen).to(torch.bfloat16)
+    offsets_E1 = torch.arange(E + 1) * M
+    tile = tgm.triton_tiles.INTERPRETER["dw"]
+    tgm._gather_mm_dw_kernel[(E, 1, 1)](
+        x_AK, x_AK, dy_AN, dw, offsets_E1, N, K, x_AK.stride(0), x_AK.stride(1), dy_AN.stride(0), dy_AN.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2), HAS_ROWS=False, UPCAST=True, PRECISION="ieee",
+        BLOCK_M=tile.block_m, BLOCK_N=N, BLOCK_K=K)
+    for e in range(E):
+        rows = slice(e * M, (e + 1) * M)
+        exact = x_AK[rows].double().T @ dy_AN[rows].double()
+        assert_close_to(dw[e].clone(), exact, torch.bfloat16, f"dw[{e}]")
+    assert torch.count_nonzero(wrapped) == 0, "expert 2's gradient was written 2^32 elements too low"
+
+
+@needs_triton
+def test_forward_column_offsets_are_64_bit(big_buffer) -> None:
+    """A weight view whose column stride is 2^30: column 2 sits 2^31 elements in, through the public wrapper."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the 8 GiB strided view is an interpreter test")
+    K, N = 16, 3
+    w_EKN = big_buffer.as_strided((1, K, N), (K, 1, BIG_STRIDE), storage_offset=BIG_BASE)
+    gen = torch.Generator().manual_seed(6)
+    for n in range(N):
+        w_EKN[0, :, n] = torch.randn(K, generator=gen).to(torch.bfloat16)
+    big_buffer[BIG_BASE + 2 * BIG_STRIDE - 2**32:][:K].fill_(100.0)  # what a wrapped column 2 would read
+    x_AK = torch.randn(20, K, generator=gen).to(torch.bfloat16)
+    y = tgm.grouped_mm(x_AK, w_EKN, torch.tensor([20]))
+    assert_close_to(y, x_AK.double() @ w_EKN[0].double(), torch.bfloat16, "y")
