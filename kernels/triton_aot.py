@@ -219,9 +219,7 @@ def table_key(launch: Launch, case: Case, arch: int) -> tuple[str, str, str, str
     """The ``triton_tiles.TABLE`` key the wrappers looked up for this launch."""
     kernel = "dw" if launch.name == "_gather_mm_dw_kernel" else "mm"
     precision = "ieee" if case.precision == "highest" else "tf32"
-    key = (kernel, triton_tiles.family(arch), triton_tiles.operands(case.dtype, precision))
-    rows = triton_tiles.rows_class(sum(case.counts), len(case.counts))
-    return (*key, rows) if (*key, rows) in triton_tiles.TABLE else (*key, "any")
+    return triton_tiles.key(kernel, arch, case.dtype, precision, sum(case.counts), len(case.counts), case.K, case.N)
 
 
 # What each of a case's launches computes, in launch order (forward, then backward: dx before dw).

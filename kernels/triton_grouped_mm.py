@@ -407,8 +407,8 @@ def gather_grouped_mm(
     arch = _runtime.arch(x_TK.device)
     A = T if rows_A is None else rows_A.numel()
     precision = _precision(x_TK.dtype)
-    plan = _Plan(arch, triton_tiles.pick("mm", arch, x_TK.dtype, precision, A, E),
-                 triton_tiles.pick("dw", arch, x_TK.dtype, precision, A, E))
+    plan = _Plan(arch, triton_tiles.pick("mm", arch, x_TK.dtype, precision, A, E, K, N),
+                 triton_tiles.pick("dw", arch, x_TK.dtype, precision, A, E, K, N))
     with torch.no_grad():
         counts_E = counts_E.to(device=x_TK.device, dtype=torch.int64)
         if rows_A is not None:
