@@ -55,6 +55,14 @@ CASES = [
     Case("T4096-D512-E8k1-F1024", 4096, 512, 8, 1, 1024),
 ]
 QUICK = ["T4096-D512-E8k2-F1024"]
+# Realistic sizes for a GPU (bf16), by name only (``--cases``; tools/gpu_check.sh runs them): DeepSeek-MoE-like
+# fine-grained experts, and Mixtral-like wide experts at a reduced T; and a smoke case.
+GPU_CASES = [
+    Case("T16384-D2048-E64k8-F1408", 16384, 2048, 64, 8, 1408),
+    Case("T4096-D4096-E8k2-F14336", 4096, 4096, 8, 2, 14336),
+    # Not a benchmark: proves the wiring in seconds on a CPU (tools/gpu_check.sh --dry-run).
+    Case("smoke-T256-D64-E4k2-F32", 256, 64, 4, 2, 32),
+]
 
 
 def machine() -> dict:
@@ -279,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe bench layer", description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--cases", nargs="*", help=f"case names (default: all): {', '.join(c.name for c in CASES)}")
+    parser.add_argument("--cases", nargs="*", help=f"case names (default: all but the GPU ones): "
+                        f"{', '.join(c.name for c in CASES + GPU_CASES)}")
     parser.add_argument("--impls", nargs="*", help="implementations to time (default: all; ratios need "
                         f"dense-swiglu): {', '.join(impl_names())}")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (default 7)")
@@ -288,13 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown_impls:
         parser.error(f"unknown implementation {unknown_impls[0]}; valid: {', '.join(impl_names())}")
     names = QUICK if args.quick else args.cases or [c.name for c in CASES]
-    unknown = sorted(set(names) - {c.name for c in CASES})
+    unknown = sorted(set(names) - {c.name for c in CASES + GPU_CASES})
     if unknown:
-        parser.error(f"unknown case {unknown[0]}; valid: {', '.join(c.name for c in CASES)}")
+        parser.error(f"unknown case {unknown[0]}; valid: {', '.join(c.name for c in CASES + GPU_CASES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []
-    for case in CASES:
+    for case in CASES + GPU_CASES:
         if case.name in names:
             records.extend(bench_case(case, args.repeats, device, dtype, args.impls))
     result = {"machine": machine(), "repeats": args.repeats, "records": records}
