@@ -125,3 +125,28 @@ def test_gpu_backends_match_reference_bf16(backend):
     y = ops.grouped_mm(x, w, counts, backend=backend)
     y_ref = ops.grouped_mm(x.float(), w.float(), counts, backend="reference")
     assert torch.allclose(y.float(), y_ref, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_backend_runs_every_dtype_it_claims_with_every_gradient(backend, dtype, tol):
+    """Where ``backend_status`` says a backend runs a dtype on this GPU (torch's grouped_mm: every dtype once
+    ``torch.nn.functional.grouped_mm`` exists, bf16 only before), it runs: output and both gradients vs the
+    float64 reference, relative to each tensor's norm; an empty expert included."""
+    ok, why = backends.backend_status(backend, torch.device("cuda"), dtype, 64, 128)
+    if not ok:
+        pytest.skip(why)
+    counts = torch.tensor([5, 0, 17, 3], device="cuda")
+    x = torch.randn(25, 64, device="cuda").to(dtype).requires_grad_()
+    w = (torch.randn(4, 64, 128, device="cuda") / 8).to(dtype).requires_grad_()
+    g = torch.randn(25, 128, device="cuda").to(dtype)
+    got = [ops.grouped_mm(x, w, counts, backend=backend)]
+    got += torch.autograd.grad(got[0], (x, w), g)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = [ops.grouped_mm(x64, w64, counts, backend="reference")]
+    want += torch.autograd.grad(want[0], (x64, w64), g.double())
+    for name, a, b in zip(("y", "dx", "dw"), got, want):
+        assert a.dtype == dtype
+        err = (a.double() - b).norm() / b.norm()
+        assert err < tol, (name, err.item())
