@@ -138,7 +138,10 @@ class ModelConfig:
     intermediate_size: int = 512  # dense feed-forward width
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # the epsilon of the layer norms, whichever ``norm`` is
+    # The layer norms (before attention, before the feed-forward, before the LM head): rmsnorm (Llama, Mixtral,
+    # Qwen) | layernorm (with a bias; PhiMoE). The per-head q/k norms of ``qk_norm`` are RMSNorms either way.
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     attention_bias: bool = False
     # Qwen2: biases on the q/k/v projections only (o has none); attention_bias puts them on all four (Llama).
     qkv_bias: bool = False
@@ -165,6 +168,7 @@ class ModelConfig:
         _require(self.max_position_embeddings >= 1, "model.max_position_embeddings must be >= 1")
         _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         _require(self.rms_norm_eps > 0, f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        _require(self.norm in ("rmsnorm", "layernorm"), f"model.norm must be rmsnorm or layernorm, got {self.norm!r}")
         if self.moe is not None and "vocab_size" in {f.name for f in fields(self.moe.router.router_options())}:
             # Routers that look tokens up by id (hash) need the vocabulary: it is the model's.
             given = self.moe.router.options.get("vocab_size")

@@ -7,7 +7,8 @@ The maths is that of ``transformers``' Llama and Mixtral for the same weights (R
 embedding with the rotate-half layout, grouped-query attention, SwiGLU), and the parameter names follow
 theirs where the layout allows, so import and export are renames and transposes. Config options that default to
 off add the Qwen variants: ``qkv_bias`` (Qwen2), ``qk_norm`` (Qwen3), a gated shared expert (Qwen2-MoE, in
-``moe.layer``).
+``moe.layer``), and ``norm: layernorm`` PhiMoE's LayerNorms (``torch.nn.LayerNorm``, with a bias) in place of the
+RMSNorms.
 
 Incremental decoding: ``model(ids, cache=KVCache(...))`` appends each layer's keys and values to the cache and
 offsets the rotary positions by what the cache already holds, so a prompt followed by one token at a time
@@ -41,6 +42,13 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def layer_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm of ``cfg.norm`` over the model width: RMSNorm, or ``nn.LayerNorm`` (PhiMoE) with the same eps."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -146,9 +154,9 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = layer_norm(cfg)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = layer_norm(cfg)
         self.is_moe = cfg.moe is not None and cfg.moe.is_moe_layer(index)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(cfg.moe, cfg.hidden_size, cfg.initializer_range)
@@ -183,14 +191,14 @@ class ModelOutput:
 
 
 class MoEModel(nn.Module):
-    """Token embedding -> N decoder layers -> RMSNorm -> LM head (tied to the embedding by config)."""
+    """Token embedding -> N decoder layers -> norm -> LM head (tied to the embedding by config)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = layer_norm(cfg)
         self.rotary = RotaryEmbedding(cfg.attention_head_dim, cfg.rope_theta)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
