@@ -4,7 +4,7 @@
     deepspeed --num_gpus N --module moe.train RECIPE [same options]      several processes (DeepSpeed)
 
     moe import HF_DIR OUT_DIR                      a Hugging Face folder -> a run directory
-    moe export RUN_DIR OUT_DIR [--format hf]       a run directory -> a Hugging Face folder
+    moe export RUN_DIR OUT [--format hf|gguf]      a run directory -> a Hugging Face folder or a GGUF file
     moe upcycle SRC OUT --num-experts E --top-k K --method M [...]   a dense model -> an MoE Hugging Face folder
     moe generate MODEL --prompt TEXT [--max-new-tokens N] [--greedy] [--temperature T] [--seed S]
     moe bench {layer,train} [...]                  benchmarks (``moe.tools.bench_layer``, ``moe.tools.bench_train``)
@@ -80,8 +80,14 @@ def _export(args: argparse.Namespace) -> int:
 
     r = export_hf(args.run_dir, args.out_dir, args.format)
     print(f"exported {args.run_dir} as {r.layout} to {r.out_dir}"
-          f"{' (with ' + ', '.join(r.copied) + ')' if r.copied else ''}\n"
-          f"  load: transformers.AutoModelForCausalLM.from_pretrained({str(r.out_dir)!r})")
+          f"{' (with ' + ', '.join(r.copied) + ')' if r.copied else ''}")
+    if args.format == "gguf":
+        print(f"  load: llama_cpp.Llama({str(r.out_dir)!r}), or llama-cli -m {r.out_dir}")
+    elif r.why_remote:
+        print(f"  remote code ({r.why_remote})\n"
+              f"  load: transformers.AutoModelForCausalLM.from_pretrained({str(r.out_dir)!r}, trust_remote_code=True)")
+    else:
+        print(f"  load: transformers.AutoModelForCausalLM.from_pretrained({str(r.out_dir)!r})")
     return 0
 
 
@@ -113,13 +119,15 @@ def _upcycle(args: argparse.Namespace) -> int:
 def _add_model_io_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="convert a Hugging Face model folder into a run directory")
     p.add_argument("hf_dir", help="folder with config.json and *.safetensors (llama, mistral, qwen2, qwen3, "
-                                  "mixtral, qwen2_moe, qwen3_moe)")
+                                  "mixtral, qwen2_moe, qwen3_moe, glm4_moe, dots1, phimoe, moe_train)")
     p.add_argument("out_dir", help="run directory to write (recipe.yaml + model.safetensors)")
     p.set_defaults(func=_import)
-    p = sub.add_parser("export", help="write a run directory as a Hugging Face model folder")
+    p = sub.add_parser("export", help="write a run directory as a Hugging Face model folder or a GGUF file")
     p.add_argument("run_dir", help="run directory (recipe.yaml + model.safetensors)")
-    p.add_argument("out_dir", help="folder to write (config.json + model.safetensors)")
-    p.add_argument("--format", default="hf", choices=["hf"], help="output format (default: hf)")
+    p.add_argument("out_dir", help="hf: folder to write (config.json + model.safetensors + tokenizer); gguf: the "
+                                   ".gguf file (or a folder to hold model.gguf)")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: transformers / vLLM / SGLang (default); gguf: llama.cpp")
     p.set_defaults(func=_export)
     p = sub.add_parser("generate", help="continue a prompt with a run directory or a Hugging Face folder")
     p.add_argument("model", help="run directory or Hugging Face folder")

@@ -35,6 +35,7 @@ from moe.data import BlockSampler, prepare_data
 from moe.data.pipeline import default_cache_dir
 from moe.data.sampler import fixed_batches
 from moe.engine import Engine, build_engine
+from moe.hf.config_map import export_notice
 from moe.metrics import DeadExpertWatch, MetricsWriter, RouterCollapseWatch, RouterStats
 from moe.model import MoEModel
 from moe.routing.base import Router
@@ -223,6 +224,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         if t.warmup_steps >= t.steps:
             log.warning("train.warmup_steps (%d) >= train.steps (%d): the learning rate rises the whole run and "
                         "never reaches train.lr (%g), nor decays", t.warmup_steps, t.steps, t.lr)
+        if (notice := export_notice(recipe.model)) is not None:
+            log.warning("%s", notice)
 
     def prepare():
         return prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=t.seed,

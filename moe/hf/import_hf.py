@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from moe.config import ModelConfig
-from moe.hf.config_map import model_config_from_hf
-from moe.rundir import check_state, copy_side_files, is_run_dir, read_run, write_run
+from moe.hf.config_import import model_config_from_hf
 from moe.hf.weights import from_hf_state_dict, one_line, read_hf_weights
+from moe.rundir import check_state, copy_side_files, is_run_dir, read_run, write_run
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,46 @@ def _drop_exact_shared_expert_tricks(cfg: ModelConfig, state: dict[str, torch.Te
     return dataclasses.replace(cfg, moe=moe)
 
 
+def _strip_padding(cfg: ModelConfig, state: dict[str, torch.Tensor], model_type: str) -> ModelConfig:
+    """glm4_moe / dots1: drop the shared-expert units that are all zero (export pads the width to a multiple of F
+    with them; removing a unit whose gate, up and down weights are zero is exact), zero-width shared experts, and
+    GLM's multi-token-prediction layers (beyond ``num_hidden_layers``; inference does not run them)."""
+    if model_type not in ("glm4_moe", "dots1"):
+        return cfg
+    for name in [k for k in state if k.startswith("layers.") and int(k.split(".")[1]) >= cfg.num_layers]:
+        del state[name]
+    m = cfg.moe
+    if m is None:
+        return cfg
+    layers = [i for i in range(cfg.num_layers) if m.is_moe_layer(i)]
+    if not m.num_shared_experts:
+        for i in layers:
+            for name in [k for k in state if k.startswith(f"layers.{i}.mlp.shared_experts.") and not state[k].numel()]:
+                del state[name]
+        return cfg
+    names = [[f"layers.{i}.mlp.shared_experts.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+             for i in layers]
+    if any(n not in state for group in names for n in group):
+        return cfg  # incomplete: check_state names what is missing
+    width = m.shared_hidden_size
+    while width > 0 and all(not state[g][width - 1].any() and not state[u][width - 1].any()
+                            and not state[d][:, width - 1].any() for g, u, d in names):
+        width -= 1
+    if width == m.shared_hidden_size:
+        return cfg
+    for g, u, d in names:
+        state[g], state[u], state[d] = state[g][:width], state[u][:width], state[d][:, :width]
+    if width == 0:
+        moe = dataclasses.replace(m, num_shared_experts=0, shared_expert_hidden_size=None)
+        for group in names:
+            for n in group:
+                del state[n]
+    else:
+        exact = width == m.num_shared_experts * m.expert_hidden_size
+        moe = dataclasses.replace(m, shared_expert_hidden_size=None if exact else width)
+    return dataclasses.replace(cfg, moe=moe)
+
+
 def _write_generation_config(raw: dict[str, Any], out: Path) -> None:
     """Keep config.json's special token ids (generation stops at eos) when the folder has no generation_config."""
     ids = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
@@ -89,6 +129,7 @@ def read_hf_model(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     cfg = model_config_from_hf(raw, str(folder / "config.json"))
     state = from_hf_state_dict(read_hf_weights(folder), cfg, str(folder))
     cfg = _drop_exact_shared_expert_tricks(cfg, state)
+    cfg = _strip_padding(cfg, state, raw["model_type"])
     check_state(state, cfg, str(folder))
     return cfg, state, raw["model_type"]
 

@@ -13,9 +13,15 @@ Mapping (per layer ``i``; ours on the left, see ``moe.model``/``moe.experts``):
     layers.i.mlp.experts.w_gate_up_ED2F    [E, D, 2F]  experts.j.{gate_proj|w1}.weight [F, D] (cols :F, transposed)
                                                        experts.j.{up_proj|w3}.weight   [F, D] (cols F:, transposed)
     layers.i.mlp.experts.w_down_EFD        [E, F, D]   experts.j.{down_proj|w2}.weight [D, F] (transposed)
-    layers.i.mlp.shared_experts.*          [W, D] ...  model.layers.i.mlp.shared_expert.*
+    layers.i.mlp.shared_experts.*          [W, D] ...  model.layers.i.mlp.shared_expert.*  (qwen2_moe)
+                                                       model.layers.i.mlp.shared_experts.* (glm4_moe, dots1: the
+                                                       width padded with zero units to a multiple of F, exact)
     layers.i.mlp.shared_expert_gate.weight [1, D]      model.layers.i.mlp.shared_expert_gate.weight
+    layers.i.mlp.router.e_score_correction_bias [E]    model.layers.i.mlp.gate.e_score_correction_bias
+                                                       (glm4_moe, dots1; zeros for a router without the bias)
     everything else                                    the same name under ``model.`` (``lm_head`` at the top)
+
+The remote-code layout (``moe_train``) keeps our names under ``model.``, experts and router buffers included.
 
 Per-expert names (Mixtral ``block_sparse_moe.experts.j.w1``, Qwen ``mlp.experts.j.gate_proj``) are what
 ``save_pretrained`` writes and what the Hub holds, so export writes them. Import also reads the fused form that
@@ -91,7 +97,7 @@ def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _moe_names(layout: str) -> tuple[str, tuple[str, str, str]]:
-    if layout == "mixtral":
+    if layout in ("mixtral", "phimoe"):
         return "block_sparse_moe", _MIXTRAL_EXPERT_NAMES
     return "mlp", _QWEN_EXPERT_NAMES
 
@@ -112,6 +118,9 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, layout
         if name == "lm_head.weight":
             out[name] = t
             continue
+        if layout == "moe_train":
+            out[f"model.{name}"] = t
+            continue
         m = _MOE_KEY.match(name)
         rest = m.group(2) if m else ""
         if m and rest in ("router.weight", "experts.w_gate_up_ED2F", "experts.w_down_EFD"):
@@ -129,13 +138,41 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, layout
             else:
                 for j in range(t.shape[0]):
                     out[f"{base}.experts.{j}.{down_n}.weight"] = t[j].T  # [D, F]
-        elif m and rest.startswith("shared_experts."):
+        elif m and rest == "router.e_score_correction_bias":
+            out[f"model.layers.{m.group(1)}.{prefix}.gate.e_score_correction_bias"] = t
+        elif m and rest.startswith("shared_experts.") and layout == "qwen2_moe":
             out[f"model.layers.{m.group(1)}.mlp.shared_expert.{rest.removeprefix('shared_experts.')}"] = t
         else:
             out[f"model.{name}"] = t
     if layout == "qwen2_moe":
         _qwen2_moe_shared_expert(out, cfg)
+    if layout in ("glm4_moe", "dots1"):
+        _sigmoid_moe_extras(out, cfg)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _sigmoid_moe_extras(out: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """GLM-4-MoE and dots.llm1 always have a selection bias and ``n_shared_experts · F`` shared units. A router
+    without the bias gets zeros (it then only adds 0 before the top-k); the shared width is padded with zero units
+    (gate and up rows, down columns of zeros: silu(0)·0 = 0, exactly), or is 0 without shared experts."""
+    m = cfg.moe
+    assert m is not None
+    D, W = cfg.hidden_size, m.shared_hidden_size
+    pad = -(-W // m.expert_hidden_size) * m.expert_hidden_size - W
+    for i in (i for i in range(cfg.num_layers) if m.is_moe_layer(i)):
+        base = f"model.layers.{i}.mlp"
+        like = out[f"{base}.gate.weight"]
+        out.setdefault(f"{base}.gate.e_score_correction_bias", torch.zeros(m.num_experts, dtype=torch.float32))
+        if W == 0:
+            for proj in ("gate_proj", "up_proj"):
+                out[f"{base}.shared_experts.{proj}.weight"] = like.new_zeros(0, D)
+            out[f"{base}.shared_experts.down_proj.weight"] = like.new_zeros(D, 0)
+        elif pad:
+            for proj in ("gate_proj", "up_proj"):
+                t = out[f"{base}.shared_experts.{proj}.weight"]
+                out[f"{base}.shared_experts.{proj}.weight"] = torch.cat((t, t.new_zeros(pad, D)))
+            t = out[f"{base}.shared_experts.down_proj.weight"]
+            out[f"{base}.shared_experts.down_proj.weight"] = torch.cat((t, t.new_zeros(D, pad)), dim=1)
 
 
 def _qwen2_moe_shared_expert(out: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
@@ -187,6 +224,8 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, where: 
             out[f"layers.{i}.mlp.shared_experts.{rest.removeprefix('shared_expert.')}"] = t
         elif rest == "shared_expert_gate.weight":
             out[f"layers.{i}.mlp.shared_expert_gate.weight"] = t
+        elif rest == "gate.e_score_correction_bias":
+            out[f"layers.{i}.mlp.router.e_score_correction_bias"] = t
         else:
             out[name] = t  # a dense MLP (mlp.gate_proj, ...) or an unknown name that the shape check reports
     for i in sorted({i for i, _ in experts}):

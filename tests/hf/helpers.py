@@ -6,6 +6,9 @@ behind an init of ones or zeros and routing is far from uniform (no near-ties be
 
 from __future__ import annotations
 
+import functools
+import json
+import textwrap
 from pathlib import Path
 
 import torch
@@ -15,6 +18,10 @@ from moe.rundir import write_run
 from moe.model import MoEModel
 
 VOCAB = 97
+TOK_VOCAB = 300  # models that carry a trained byte-level BPE tokenizer (tokenizer.json) have this vocabulary
+# Text whose tokenisation the tests compare: code, runs of spaces, tabs, non-ASCII, digits, the special token.
+TEXTS = ("def foo(x):\n    return x  + 1  # héllo ✓ 'll 123456\n\n\t end", "<|endoftext|>import json\r\n",
+         " leading space, trailing space ", "ünïcödé — ελληνικά 中文 🙂")
 
 
 def tiny_config(moe: dict | None = None, router: dict | None = None, **kw) -> ModelConfig:
@@ -31,6 +38,9 @@ def tiny_config(moe: dict | None = None, router: dict | None = None, **kw) -> Mo
 
 def randomize_(module: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
+        for name, b in module.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the sigmoid router's selection bias: it must matter
+                b.normal_(0.0, 0.3)
         for name, p in module.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
@@ -41,14 +51,47 @@ def randomize_(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def make_run(path: Path, cfg: ModelConfig) -> tuple[MoEModel, dict[str, torch.Tensor]]:
-    """A random ``MoEModel(cfg)`` saved as a run directory at ``path``; returns it and the saved state."""
+@functools.lru_cache(maxsize=1)
+def bpe_tokenizer_json() -> str:
+    """A byte-level BPE of ``TOK_VOCAB`` tokens trained by ``moe.data.tokenizer.train_bpe`` (what ``moe train``
+    writes) on two standard-library sources."""
+    from moe.data.tokenizer import train_bpe
+
+    text = Path(json.decoder.__file__).read_text(encoding="utf-8") + Path(textwrap.__file__).read_text(encoding="utf-8")
+    return train_bpe(iter([text]), TOK_VOCAB).to_str()
+
+
+def make_run(path: Path, cfg: ModelConfig, tokenizer: bool | None = None) -> tuple[MoEModel, dict[str, torch.Tensor]]:
+    """A random ``MoEModel(cfg)`` saved as a run directory at ``path``; returns it and the saved state.
+
+    ``tokenizer``: write the trained BPE's tokenizer.json (default: when the vocabulary is ``TOK_VOCAB``).
+    """
     model = randomize_(MoEModel(cfg)).eval()
+    for module in model.modules():  # expert-choice thresholds, as if estimated over one optimizer step
+        if hasattr(module, "threshold_updates"):
+            module.threshold.fill_(0.24)
+            module.threshold_updates.fill_(1)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
     write_run(path, cfg, state)
+    if tokenizer or (tokenizer is None and cfg.vocab_size == TOK_VOCAB):
+        (path / "tokenizer.json").write_text(bpe_tokenizer_json(), encoding="utf-8")
     return model, state
+
+
+def assert_same_tokenizer(folder: Path, run: Path, **kw) -> None:
+    """``AutoTokenizer`` of an export encodes and decodes ``TEXTS`` exactly as the run's tokenizer.json does."""
+    import transformers
+
+    from moe.generate import folder_tokenizer
+
+    ours = folder_tokenizer(run)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder, **kw)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == ids, (type(theirs).__name__, text)
+        assert theirs.decode(ids, skip_special_tokens=True) == ours.decode(ids)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

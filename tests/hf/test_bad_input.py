@@ -113,8 +113,8 @@ def test_export_errors(tmp_path):
     make_run(tmp_path / "run", tiny_config())
     with pytest.raises(ValueError, match="must differ from the run directory"):
         export_hf(tmp_path / "run", tmp_path / "run")
-    with pytest.raises(ValueError, match="unknown export format 'gguf'"):
-        export_hf(tmp_path / "run", tmp_path / "hf", format="gguf")
+    with pytest.raises(ValueError, match="unknown export format 'onnx'; valid: hf, gguf"):
+        export_hf(tmp_path / "run", tmp_path / "hf", format="onnx")
     (tmp_path / "run" / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="model.safetensors: weight file does not exist"):
         export_hf(tmp_path / "run", tmp_path / "hf")
