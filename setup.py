@@ -37,7 +37,8 @@ setup(
     # exactly like the wheel.
     packages=_packages(),
     package_dir={"moe": "moe", **{f"moe.{name}": name for name in _ROOT_FOLDERS}},
-    package_data={"moe.recipes": ["*.yaml"]},
+    # moe/hf/remote_code/: templates that export copies into model folders (transformers imports them there).
+    package_data={"moe.recipes": ["*.yaml"], "moe.hf": ["remote_code/*.py"]},
     # NOTE: torch is a floor only. scripts/setup_env.sh installs the CPU build (or keeps a GPU machine's own
     # torch) before this, so pip never resolves torch itself.
     install_requires=[
@@ -51,10 +52,14 @@ setup(
         "matplotlib>=3.7",  # TensorBoard's expert-load pictures, moe plot
         "deepspeed>=0.14",
         "triton>=3.0; platform_system == 'Linux'",
+        "gguf>=0.17",  # moe export --format gguf writes GGUF files for llama.cpp with it
     ],
     extras_require={
         "hf": ["transformers>=4.46"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46"],
+        # llama.cpp's Python binding (built from source, ~10 minutes): tests/hf/test_gguf_llama_cpp.py runs a GGUF
+        # export in llama.cpp itself when it is installed.
+        "llama": ["llama-cpp-python>=0.3"],
         # MegaBlocks pins one old torch and builds CUDA code: GPU machines only.
         "megablocks": ["megablocks"],
     },
