@@ -47,7 +47,7 @@ def check_tokenizer(tok, vocab_size: int, where: Path) -> None:
 
 
 def read_for_export(run_dir: str | Path, out: Path, fmt: str):
-    """The checked recipe, state, tokenizer and weight dtype of a run, before anything is written."""
+    """The run directory and its model config, after checking the request (format, folders)."""
     run = Path(run_dir)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -58,7 +58,8 @@ def read_for_export(run_dir: str | Path, out: Path, fmt: str):
     return run, load_recipe(run / RECIPE).model
 
 
-def _weights(run: Path, cfg):
+def read_weights(run: Path, cfg):
+    """The checked config, state, tokenizer (or None) and weight dtype of a run, before anything is written."""
     recipe, state = read_run(run)
     check_runnable(recipe.model, state)
     tok = load_run_tokenizer(run, cfg.vocab_size)
@@ -89,7 +90,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, format: str = "hf") -> E
             native_layout(cfg)
         except NotNative as e:
             why_remote = str(e)
-    cfg, state, tok, dtype = _weights(run, cfg)
+    cfg, state, tok, dtype = read_weights(run, cfg)
     hf_state = to_hf_state_dict(state, cfg, layout)
     if cfg.tie_word_embeddings:
         hf_state.pop("lm_head.weight", None)  # transformers re-ties it to the embedding
