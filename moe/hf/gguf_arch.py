@@ -98,11 +98,13 @@ def gguf_plan(cfg: ModelConfig) -> GGUFPlan:
             arch="glm4moe", gating="sigmoid", top_k=sigmoid.top_k, renormalize=sigmoid.renormalize,
             scale=sigmoid.route_scale, groups=groups))
     name = m.router.name
+    if name == "gshard":
+        policy = m.router.router_options().second_policy_eval
+        raise _refuse(f"router gshard with second_policy_eval={policy!r} (llama.cpp keeps every one of the top-K "
+                      "experts at its softmax weight)")
     raise _refuse({"expert_choice": "router expert_choice (experts choose their tokens; llama.cpp's MoE is token "
                                     "choice)",
                    "hash": "router hash (it routes by token id; llama.cpp's MoE routes with a learned gate)",
-                   "gshard": f"router gshard with second_policy_eval={m.router.router_options().second_policy_eval!r} "
-                             "(llama.cpp keeps every one of the top-K experts)",
                    }.get(name, f"router {name!r} gives a varying number of experts per token (llama.cpp routes every "
                                "token to the same number)"))
 
