@@ -42,12 +42,26 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   {"num_experts": 4, "moe_intermediate_size": 16, "norm_topk_prob": True, **MOE},
                   {"qk_norm": True, "moe.num_shared_experts": 0, "moe.router.renormalize": True}),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 {"n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 16, "num_experts_per_tok": 2,
+                  "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5,
+                  "use_qk_norm": True, "attention_bias": True, "num_nextn_predict_layers": 0,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 2000.0, "partial_rotary_factor": 1.0}},
+                 {"moe.router.name": "sigmoid", "moe.first_dense_layers": 1, "moe.num_shared_experts": 1,
+                  "qk_norm": True, "qkv_bias": True, "attention_bias": False, "moe.router.renormalize": True}),
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              {"n_routed_experts": 4, "n_shared_experts": 2, "moe_intermediate_size": 16, "num_experts_per_tok": 2,
+               "first_k_dense_replace": 2, "attention_bias": True, "norm_topk_prob": False, "sliding_window": None},
+              {"moe.router.name": "sigmoid", "moe.first_dense_layers": 2, "moe.shared_hidden_size": 32,
+               "qk_norm": True, "attention_bias": True, "moe.router.renormalize": False}),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {"num_local_experts": 4, "attention_bias": True, **MOE},
+               {"norm": "layernorm", "moe.router.name": "grin", "moe.router.top_k": 2, "attention_bias": True}),
 }
 
 
 def _hf_model(family: str):
     cfg_cls, model_cls, extra, _ = FAMILIES[family]
-    cfg = getattr(transformers, cfg_cls)(**COMMON, **extra)
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
     return randomize_(getattr(transformers, model_cls)(cfg)).float().eval()
 
 
