@@ -28,7 +28,7 @@ from moe.rundir import RECIPE, copy_side_files, is_run_dir, read_run
 
 log = logging.getLogger(__name__)
 FORMATS = ("hf", "gguf")
-FP32_BUFFERS = ("router.e_score_correction_bias", "router.threshold")
+FP32_BUFFERS = ("router.e_score_correction_bias",)
 
 
 @dataclass

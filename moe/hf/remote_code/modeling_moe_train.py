@@ -210,7 +210,8 @@ class MoETrainPreTrainedModel(PreTrainedModel):
     config_class = MoETrainConfig
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "threshold"]
+    # As in moe-train: the selection bias stays fp32 in a bf16 model (updates of 1e-3 vanish in bf16 next to ~2).
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
