@@ -3,8 +3,8 @@
     flock /tmp/moe-heavy.lock .venv/bin/python -m moe.tools.export_check [--steps 40] [--json FILE] [--cases ...]
 
 Each case (a router and a configuration) trains ``recipes/tiny.yaml`` shrunk (``SMALL``) for ``--steps`` optimizer
-steps on the embedded corpus, so routers carry trained state (sigmoid biases, expert-choice thresholds, hash
-tables), then:
+steps on the embedded corpus (``moe train``, in a process of its own), so routers carry trained state (sigmoid
+biases, expert-choice thresholds, hash tables), then:
 
 - ``moe export --format hf``: the layout (native, or remote code and why); in ``transformers`` (fp32, loaded with
   ``trust_remote_code`` for remote code) the largest |logit difference| from our model on ``TEXT``; whether 24
@@ -24,6 +24,8 @@ import argparse
 import json
 import logging
 import platform
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -74,10 +76,36 @@ TEXT = ('def load(path):\n    """Read a JSON file."""\n    with open(path, encod
 TEXTS = (TEXT, "  x = [1, 2, 3]  # héllo ✓\n\n\tend <|endoftext|>", "ünïcödé — ελληνικά 中文")
 
 
+class Tok:
+    """The run's tokenizer.json with ``moe generate``'s interface (``encode(text) -> ids``)."""
+
+    def __init__(self, run: Path) -> None:
+        from moe.data.tokenizer import load_tokenizer
+
+        self._tok = load_tokenizer(run)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+
+@torch.no_grad()
+def generate(model, prompt: list[int], n: int, eos: list[int] = ()) -> list[int]:
+    """Greedy decoding through our KV cache: the prompt, then one token at a time (what ``moe generate --greedy``
+    does; its module is an entry point, which a tool may not import)."""
+    cache = model.new_cache()
+    logits = model(torch.tensor([prompt]), cache=cache).logits[0, -1]
+    out: list[int] = []
+    while len(out) < n:
+        out.append(int(logits.argmax()))
+        if out[-1] in eos:
+            break
+        logits = model(torch.tensor([[out[-1]]]), cache=cache).logits[0, -1]
+    return out
+
+
 def check_hf(run: Path, out: Path, model, tok) -> dict:
     import transformers
 
-    from moe.generate import eos_token_ids, generate
     from moe.hf.config_map import REMOTE
     from moe.hf.export_hf import export_hf
 
@@ -88,7 +116,8 @@ def check_hf(run: Path, out: Path, model, tok) -> dict:
     with torch.no_grad():
         diff = (model(torch.tensor([ids])).logits - hf(input_ids=torch.tensor([ids])).logits).abs().max().item()
     prompt = ids[:12]
-    ours = generate(model, prompt, 24, greedy=True, eos_token_ids=eos_token_ids(out))
+    eos = json.loads((out / "generation_config.json").read_text()).get("eos_token_id")
+    ours = generate(model, prompt, 24, [] if eos is None else [eos] if isinstance(eos, int) else eos)
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
     auto = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=remote)
     same_tokens = all(auto(t)["input_ids"] == tok.encode(t) for t in TEXTS)
@@ -97,7 +126,6 @@ def check_hf(run: Path, out: Path, model, tok) -> dict:
 
 
 def check_gguf(run: Path, out: Path, model, tok) -> dict:
-    from moe.generate import generate
     from moe.hf.export_hf import export_hf
 
     try:
@@ -128,21 +156,19 @@ def check_gguf(run: Path, out: Path, model, tok) -> dict:
         for _ in range(24):
             greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             llm.eval([greedy[-1]])
-        record["llama_cpp_greedy_equal"] = greedy == generate(model, prompt, 24, greedy=True)
+        record["llama_cpp_greedy_equal"] = greedy == generate(model, prompt, 24)
     finally:
         llm.close()
     return record
 
 
 def run_case(name: str, overrides: list[str], steps: int, root: Path, cache: Path) -> dict:
-    from moe.config import load_recipe
-    from moe.generate import load_model, load_tokenizer
-    from moe.train import train
+    from moe.rundir import load_run_model
 
-    recipe = load_recipe("tiny", SMALL + [f"train.steps={steps}", f"data.cache_dir={cache}", *overrides])
     run = root / name / "run"
-    train(recipe, run, progress=False)
-    model, tok = load_model(run), load_tokenizer(run)
+    subprocess.run([sys.executable, "-m", "moe", "train", "tiny", "--out", str(run), "--no-progress", *SMALL,
+                    f"train.steps={steps}", f"data.cache_dir={cache}", *overrides], check=True)
+    model, tok = load_run_model(run), Tok(run)
     record = {"case": name, **check_hf(run, root / name / "hf", model, tok)}
     record.update(check_gguf(run, root / name / "model.gguf", model, tok))
     return record
@@ -152,14 +178,16 @@ def table(records: list[dict]) -> str:
     def yes(v):
         return "—" if v is None else ("yes" if v else "**no**")
 
-    lines = ["| router | configuration | transformers layout | max \\|Δlogit\\| (transformers) | greedy = moe generate "
+    lines = ["| router | configuration | transformers layout | max \\|Δlogit\\| (transformers) "
+             "| greedy = moe generate "
              "| AutoTokenizer = ours | llama.cpp (GGUF) | max \\|Δlogit\\| / max \\|logit\\| (llama.cpp) | argmax, "
              "greedy, tokens = ours |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         router = r["case"].split("_")[0] if not r["case"].startswith(("expert_choice", "top_p")) else \
             ("expert_choice" if r["case"].startswith("expert") else "top_p")
         layout = f"`{r['layout']}`" + (" (remote code)" if r["why_remote"] else " (native)")
-        gguf = f"`{r['gguf']}`" if r["gguf"] else f"refused: {r['gguf_refusal'].removeprefix('cannot export as GGUF: ')}"
+        refusal = (r.get("gguf_refusal") or "").removeprefix("cannot export as GGUF: ")
+        gguf = f"`{r['gguf']}`" if r["gguf"] else f"refused: {refusal}"
         rel = f"{r['llama_cpp_max_rel_diff']:.1e}" if "llama_cpp_max_rel_diff" in r else "—"
         flags = " / ".join(yes(r.get(k)) for k in ("llama_cpp_argmax_equal", "llama_cpp_greedy_equal",
                                                      "llama_cpp_tokens_equal")) if r["gguf"] else "—"
@@ -186,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(records[-1]), flush=True)
     import transformers
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}
     try:
         import llama_cpp
 
@@ -196,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(records))
     print("versions:", json.dumps(versions))
     if args.json:
-        Path(args.json).write_text(json.dumps({"versions": versions, "steps": args.steps, "records": records}, indent=2))
+        records_json = {"versions": versions, "steps": args.steps, "records": records}
+        Path(args.json).write_text(json.dumps(records_json, indent=2))
     return 0
 
 

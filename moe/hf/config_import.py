@@ -142,7 +142,8 @@ def _model_config_from_hf(raw: dict[str, Any], where: str) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         initializer_range=float(raw.get("initializer_range", 0.02)),
         attention_bias=bias and mt in ("llama", "qwen3", "qwen3_moe", "dots1", "phimoe"),
-        qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and bool(raw.get("qkv_bias", True))) or (mt == "glm4_moe" and bias),
+        qkv_bias=(mt == "qwen2" or (mt == "qwen2_moe" and bool(raw.get("qkv_bias", True)))
+                  or (mt == "glm4_moe" and bias)),
         qk_norm=mt in ("qwen3", "qwen3_moe", "dots1") or (mt == "glm4_moe" and bool(raw.get("use_qk_norm", False))),
         norm="layernorm" if mt == "phimoe" else "rmsnorm",
         moe=None,

@@ -41,7 +41,8 @@ from moe.hf.config_import import MLA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, model_c
 from moe.hf.router_view import SigmoidTopK, sigmoid_topk, softmax_topk, stochastic_reason
 
 __all__ = ["ARCHITECTURES", "EXPORT_LAYOUTS", "MLA_MODEL_TYPES", "REMOTE", "SUPPORTED_MODEL_TYPES", "NotNative",
-           "export_layout", "export_notice", "export_refusal", "hf_config_dict", "model_config_from_hf", "native_layout"]
+           "export_layout", "export_notice", "export_refusal", "hf_config_dict", "model_config_from_hf",
+           "native_layout"]
 
 REMOTE = "moe_train"
 EXPORT_LAYOUTS = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "phimoe")
@@ -241,7 +242,8 @@ def hf_config_dict(cfg: ModelConfig, layout: str, dtype: str) -> dict[str, Any]:
         assert s is not None
         n_shared, _ = shared_units(cfg)
         groups = (s.n_groups, s.topk_groups) if s.groups_limit else (1, 1)  # keeping every group is no limit
-        out.update(n_routed_experts=m.num_experts, num_experts_per_tok=s.top_k, moe_intermediate_size=m.expert_hidden_size,
+        out.update(n_routed_experts=m.num_experts, num_experts_per_tok=s.top_k,
+                   moe_intermediate_size=m.expert_hidden_size,
                    n_shared_experts=n_shared, routed_scaling_factor=s.route_scale, n_group=groups[0],
                    topk_group=groups[1], norm_topk_prob=s.renormalize, first_k_dense_replace=m.first_dense_layers)
         return out

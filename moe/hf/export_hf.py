@@ -14,61 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from moe.config import load_recipe
 from moe.hf.config_map import REMOTE, NotNative, export_layout, hf_config_dict, native_layout
-from moe.hf.remote import check_runnable, copy_remote_code, remote_config_dict
-from moe.hf.tokenizer_files import load_run_tokenizer, special_token_ids, write_tokenizer_files
+from moe.hf.export_run import ExportResult, read_for_export, read_weights
+from moe.hf.remote import copy_remote_code, remote_config_dict
+from moe.hf.tokenizer_files import special_token_ids, write_tokenizer_files
 from moe.hf.weights import to_hf_state_dict
-from moe.rundir import RECIPE, copy_side_files, is_run_dir, read_run
+from moe.rundir import copy_side_files
 
 log = logging.getLogger(__name__)
-FORMATS = ("hf", "gguf")
-FP32_BUFFERS = ("router.e_score_correction_bias",)
-
-
-@dataclass
-class ExportResult:
-    layout: str  # a transformers model_type (REMOTE for remote code) or a llama.cpp architecture
-    out_dir: Path  # the folder, or the .gguf file
-    copied: list[str]  # the tokenizer / generation / code files written beside the weights
-    why_remote: str | None = None  # why no native layout expresses the model (remote code only)
-
-
-def check_tokenizer(tok, vocab_size: int, where: Path) -> None:
-    """A tokenizer with ids the embedding lacks would make an export that fails on some inputs."""
-    if tok is not None and tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"{where}: {tok.get_vocab_size()} tokens, but the model's vocab_size is {vocab_size}; the "
-                         f"tokenizer must not have more tokens than the model (ids >= {vocab_size} have no embedding)")
-
-
-def read_for_export(run_dir: str | Path, out: Path, fmt: str):
-    """The run directory and its model config, after checking the request (format, folders)."""
-    run = Path(run_dir)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if not is_run_dir(run):
-        raise ValueError(f"{run}: not a run directory (no {RECIPE}; `moe train` and `moe import` write them)")
-    if out.resolve() == run.resolve():
-        raise ValueError(f"{out}: the export folder must differ from the run directory")
-    return run, load_recipe(run / RECIPE).model
-
-
-def read_weights(run: Path, cfg):
-    """The checked config, state, tokenizer (or None) and weight dtype of a run, before anything is written."""
-    recipe, state = read_run(run)
-    check_runnable(recipe.model, state)
-    tok = load_run_tokenizer(run, cfg.vocab_size)
-    check_tokenizer(tok, cfg.vocab_size, run / "tokenizer.json")
-    # Router buffers that our routers keep in fp32 whatever the model's dtype do not count.
-    dtypes = {t.dtype for name, t in state.items() if t.is_floating_point() and not name.endswith(FP32_BUFFERS)}
-    if len(dtypes) != 1:
-        raise ValueError(f"{run}: weights mix dtypes {sorted(str(d) for d in dtypes)}; export needs one")
-    return recipe.model, state, tok, str(dtypes.pop()).removeprefix("torch.")
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, format: str = "hf") -> ExportResult:
@@ -80,7 +37,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, format: str = "hf") -> E
     out = Path(out_dir)
     run, cfg = read_for_export(run_dir, out, format)
     if format == "gguf":
-        from moe.hf.gguf_export import export_gguf
+        from moe.hf.gguf_export import export_gguf  # imports the gguf package
 
         return export_gguf(run, out)
     layout = export_layout(cfg)  # refuse before reading the weights

@@ -129,7 +129,8 @@ def _glm4moe(cfg: ModelConfig, moe_layers: list[int], leading: bool, plan: GGUFP
         raise _refuse(f"MoE layers {moe_layers} of {cfg.num_layers} (llama.cpp has dense layers only before the first "
                       "MoE layer: leading_dense_block_count)")
     if cfg.attention_bias:
-        raise _refuse("an o-projection bias with this MoE (llama.cpp's glm4moe, the architecture for it, has no o bias)")
+        raise _refuse("an o-projection bias with this MoE (llama.cpp's glm4moe, the architecture for it, has no "
+                      "o bias)")
     return GGUFPlan(**{**plan.__dict__, "leading_dense": moe_layers[0]})
 
 

@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.config import ModelConfig
+from moe.config import ModelConfig, load_recipe
+from moe.hf.export_run import ExportResult, read_weights
 from moe.hf.gguf_arch import GGUFPlan, gguf_plan
+from moe.hf.tokenizer_files import special_token_ids
+from moe.rundir import RECIPE
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor], plan: GGUFPla
         p, b = f"layers.{i}.", f"blk.{i}."
         out[b + "attn_norm.weight"] = _f32(state[p + "input_layernorm.weight"])
         out[b + f"{ffn_norm}.weight"] = _f32(state[p + "post_attention_layernorm.weight"])
-        for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+        for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
+                             ("o_proj", "attn_output")):
             for kind in ("weight", "bias"):
                 t = state.get(f"{p}self_attn.{ours}.{kind}")
                 if t is None:
@@ -197,10 +201,6 @@ def export_gguf(run: Path, out: Path):
     """Write ``run`` as one GGUF file: ``out`` when it ends in .gguf, else ``out/model.gguf``."""
     import gguf
 
-    from moe.config import load_recipe
-    from moe.hf.export_hf import ExportResult, read_weights
-    from moe.hf.rundir import RECIPE
-    from moe.hf.tokenizer_files import special_token_ids
 
     cfg = load_recipe(run / RECIPE).model
     plan = gguf_plan(cfg)  # refuse before reading the weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from moe.hf.config_map import export_notice
-from moe.train import train
+from moe.trainer import train
 from tests.hf.helpers import tiny_config
 from tests.test_train import recipe
 
@@ -20,6 +20,6 @@ def test_notice_names_why_a_model_has_no_native_layout():
 
 
 def test_training_warns_at_start_up(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="moe.train"):
+    with caplog.at_level(logging.WARNING, logger="moe.trainer"):
         train(recipe(tmp_path, "train.steps=1", "model.moe.router.name=hash"), tmp_path / "run", progress=False)
     assert "exports to transformers only as remote code" in caplog.text and "routes by token id" in caplog.text

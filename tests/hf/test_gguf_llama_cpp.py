@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe.generate import generate, load_tokenizer
+from moe.generate import folder_tokenizer, generate
 from moe.hf.export_hf import export_hf
 from tests.hf.gguf_cases import GGUF_CASES
 from tests.hf.helpers import TEXTS, TOK_VOCAB, make_run, tiny_config
@@ -48,7 +48,7 @@ def test_llama_cpp_computes_our_model(case, tmp_path):
     ours, _ = make_run(tmp_path / "run", cfg)
     result = export_hf(tmp_path / "run", tmp_path / "m.gguf", format="gguf")
     assert result.layout == arch
-    tok = load_tokenizer(tmp_path / "run")
+    tok = folder_tokenizer(tmp_path / "run")
     ids = torch.randint(0, cfg.vocab_size, (24,)).tolist()
     prompt = tok.encode("def foo(x):\n    return")
     logits, tokens, greedy = run_in_llama_cpp(result.out_dir, ids, prompt, 12)
