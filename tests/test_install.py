@@ -55,7 +55,8 @@ def test_wheel_installs_only_under_moe(wheel: Path):
     assert {n.split("/")[0] for n in names} == {"moe", dist_info}
     assert {n.split("/")[0] for n in recorded} == {"moe", dist_info}
     for expected in ("moe/cli.py", "moe/kernels/ops.py", "moe/kernels/triton_grouped_mm.py", "moe/routing/registry.py",
-                     "moe/parallel/deepspeed/engine.py", "moe/tools/bench_layer.py", "moe/recipes/tiny.yaml"):
+                     "moe/parallel/deepspeed/engine.py", "moe/tools/bench_layer.py", "moe/recipes/tiny.yaml",
+                     "moe/hf/remote_code/modeling_moe_train.py"):
         assert expected in names, expected
 
 

@@ -276,8 +276,10 @@ class MoETrainForCausalLM(MoETrainPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        hidden_BSD, cache = self.model(input_ids, attention_mask, position_ids, cache or past_key_values,
-                                       inputs_embeds, use_cache)
+        # transformers 5 passes the KV cache as ``cache``, earlier versions as ``past_key_values``. NOTE: not
+        # ``cache or past_key_values``: an empty cache has length 0, so it is falsy.
+        cache = cache if cache is not None else past_key_values
+        hidden_BSD, cache = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
         if logits_to_keep:
             hidden_BSD = hidden_BSD[:, -logits_to_keep:]
         logits = self.lm_head(hidden_BSD)
