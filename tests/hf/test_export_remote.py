@@ -157,3 +157,19 @@ def test_refused_what_no_engine_reproduces_and_weights_that_cannot_run(tmp_path)
     with pytest.raises(ValueError, match="thresholds were never estimated"):
         export_hf(tmp_path / "ec", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_remote_code_fills_the_cache_it_is_given_and_matches_full_scoring(tmp_path):
+    cfg = tiny_config(vocab_size=TOK_VOCAB, moe={}, router={"name": "adaptive"})
+    make_run(tmp_path / "run", cfg)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                           dtype=torch.float32).eval()
+    ids = torch.randint(0, TOK_VOCAB, (1, 9))
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        full = hf(input_ids=ids).logits
+        first = hf(input_ids=ids[:, :6], cache=cache, use_cache=True)
+        assert first.cache is cache and cache.get_seq_length() == 6  # filled, not replaced
+        rest = [hf(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(6, 9)]
+    torch.testing.assert_close(torch.cat([first.logits, *rest], dim=1), full, rtol=0, atol=1e-5)
