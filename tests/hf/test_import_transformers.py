@@ -115,3 +115,22 @@ def test_import_fused_expert_tensors(tmp_path):
     (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
     import_hf(tmp_path / "hf", tmp_path / "run")
     assert _compare(hf, tmp_path / "run") <= ATOL
+
+
+def test_import_glm4_moe_skips_its_multi_token_prediction_layer(tmp_path):
+    """GLM-4.5 checkpoints hold a next-token-prediction layer after the last one (``num_nextn_predict_layers``),
+    which inference does not run: import leaves it out, as transformers does."""
+    from safetensors.torch import save_file
+
+    hf = _hf_model("glm4_moe")
+    hf.config.num_nextn_predict_layers = 1
+    hf.save_pretrained(tmp_path / "hf")
+    L, D = hf.config.num_hidden_layers, hf.config.hidden_size
+    save_file({f"model.layers.{L}.eh_proj.weight": torch.randn(D, 2 * D),
+               f"model.layers.{L}.enorm.weight": torch.ones(D)}, str(tmp_path / "hf" / "mtp.safetensors"))
+    index = {"weight_map": {**{k: "model.safetensors" for k in hf.state_dict()},
+                            f"model.layers.{L}.eh_proj.weight": "mtp.safetensors",
+                            f"model.layers.{L}.enorm.weight": "mtp.safetensors"}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    assert _compare(hf, tmp_path / "run") <= ATOL
