@@ -21,21 +21,13 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
+from moe.tools.bench_layer import Case  # the layer shapes, as the layer benchmark names them
+
 TOLERANCE = 1e-2
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    tokens: int
-    hidden: int
-    experts: int
-    top_k: int
-    expert_hidden: int
 
 
 GPU_CASES = [Case("T16384-D2048-E64k8-F1408", 16384, 2048, 64, 8, 1408),

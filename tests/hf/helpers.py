@@ -104,3 +104,28 @@ def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
     """transformers' greedy generation of ``n`` new tokens (no end-of-sequence stop)."""
     out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def check_export_in_transformers(case: str, ours: MoEModel, run: Path, folder: Path, *, remote: bool = False,
+                                 atol: float = 1e-5):
+    """The exported ``folder`` loaded by transformers (``remote``: with its own code) against ``ours``: every weight
+    used, logits within ``atol``, greedy tokens equal ``moe generate``'s, and AutoTokenizer equal to ours.
+    Returns the transformers model."""
+    import transformers
+
+    from moe.generate import eos_token_ids, generate, load_model
+
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True, **({"trust_remote_code": True} if remote else {}))
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = torch.randint(0, TOK_VOCAB, (2, 13))
+    with torch.no_grad():
+        diff = max_diff(ours(ids).logits, hf(input_ids=ids).logits)
+    assert diff <= atol, f"{case}: max |ours - transformers| = {diff:.2e}"
+    prompt = [3, 14, 15, 92, 65]
+    ours_tokens = generate(load_model(run), prompt, 10, greedy=True, eos_token_ids=eos_token_ids(folder))
+    assert ours_tokens == hf_greedy(hf, prompt, 10)
+    assert_same_tokenizer(folder, run, **({"trust_remote_code": True} if remote else {}))
+    return hf
+

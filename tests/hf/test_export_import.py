@@ -15,12 +15,11 @@ import json
 import pytest
 import torch
 
-from moe.generate import eos_token_ids, generate, load_model
 from moe.hf.config_map import export_layout
 from moe.hf.export_hf import export_hf
 from moe.hf.import_hf import import_hf
 from moe.rundir import read_run
-from tests.hf.helpers import TOK_VOCAB, assert_same_tokenizer, hf_greedy, make_run, max_diff, tiny_config
+from tests.hf.helpers import TOK_VOCAB, check_export_in_transformers, make_run, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,21 +77,8 @@ def test_export_matches_transformers_and_round_trips(case, tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == layout and config["eos_token_id"] == 0  # the BPE's <|endoftext|>
 
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                                 output_loading_info=True)
-    hf.eval()
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    hf = check_export_in_transformers(case, ours, tmp_path / "run", tmp_path / "hf", atol=ATOL)
     assert type(hf).__name__ == config["architectures"][0]
-    ids = torch.randint(0, TOK_VOCAB, (2, 13))
-    with torch.no_grad():
-        diff = max_diff(ours(ids).logits, hf(input_ids=ids).logits)
-    assert diff <= ATOL, f"{case}: max |ours - transformers| = {diff:.2e}"
-
-    prompt = [3, 14, 15, 92, 65]
-    ours_tokens = generate(load_model(tmp_path / "run"), prompt, 10, greedy=True,
-                           eos_token_ids=eos_token_ids(tmp_path / "hf"))
-    assert ours_tokens == hf_greedy(hf, prompt, 10)
-    assert_same_tokenizer(tmp_path / "hf", tmp_path / "run")
 
     import_hf(tmp_path / "hf", tmp_path / "back")
     _, back = read_run(tmp_path / "back")

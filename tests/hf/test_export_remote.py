@@ -22,7 +22,7 @@ from moe.hf.import_hf import import_hf
 from moe.hf.remote import CODE_DIR, CODE_FILES
 from moe.hf.router_view import options_resolved
 from moe.rundir import read_run
-from tests.hf.helpers import TOK_VOCAB, assert_same_tokenizer, hf_greedy, make_run, max_diff, tiny_config
+from tests.hf.helpers import TOK_VOCAB, check_export_in_transformers, make_run, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,20 +79,7 @@ def test_remote_code_matches_our_model(case, tmp_path):
     assert config["model_type"] == REMOTE and config["auto_map"]["AutoModelForCausalLM"]
     assert all((tmp_path / "hf" / name).is_file() for name in CODE_FILES)
 
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "hf", trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
-    hf.eval()
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ids = torch.randint(0, TOK_VOCAB, (2, 13))
-    with torch.no_grad():
-        diff = max_diff(ours(ids).logits, hf(input_ids=ids).logits)
-    assert diff <= ATOL, f"{case}: max |ours - transformers| = {diff:.2e}"
-
-    prompt = [3, 14, 15, 92, 65]
-    ours_tokens = generate(load_model(tmp_path / "run"), prompt, 10, greedy=True,
-                           eos_token_ids=eos_token_ids(tmp_path / "hf"))
-    assert ours_tokens == hf_greedy(hf, prompt, 10)
-    assert_same_tokenizer(tmp_path / "hf", tmp_path / "run", trust_remote_code=True)
+    check_export_in_transformers(case, ours, tmp_path / "run", tmp_path / "hf", remote=True, atol=ATOL)
 
     import_hf(tmp_path / "hf", tmp_path / "back")
     back_recipe, back = read_run(tmp_path / "back")
@@ -101,6 +88,7 @@ def test_remote_code_matches_our_model(case, tmp_path):
     for name, t in state.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
     # moe generate reads the exported folder directly too.
+    prompt = [3, 14, 15, 92, 65]
     assert generate(load_model(tmp_path / "hf"), prompt, 10, greedy=True) == generate(ours, prompt, 10, greedy=True)
 
 
