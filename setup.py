@@ -57,7 +57,7 @@ setup(
     extras_require={
         "hf": ["transformers>=4.46"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46"],
-        # llama.cpp's Python binding (built from source, ~10 minutes): tests/hf/test_gguf_llama_cpp.py runs a GGUF
+        # llama.cpp's Python binding (built from source, ~10 minutes): tests/moe/hf/test_gguf_llama_cpp.py runs a GGUF
         # export in llama.cpp itself when it is installed.
         "llama": ["llama-cpp-python>=0.3"],
         # MegaBlocks pins one old torch and builds CUDA code: GPU machines only.

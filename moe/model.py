@@ -12,7 +12,7 @@ RMSNorms.
 
 Incremental decoding: ``model(ids, cache=KVCache(...))`` appends each layer's keys and values to the cache and
 offsets the rotary positions by what the cache already holds, so a prompt followed by one token at a time
-gives the logits of the full sequence (``tests/hf/test_kv_cache.py``). Routers see only the new tokens: exact
+gives the logits of the full sequence (``tests/moe/hf/test_kv_cache.py``). Routers see only the new tokens: exact
 for per-token routers (top-k, dropless), not for routers whose choice depends on other tokens (capacity in
 eval mode, expert choice).
 """

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
-# The tiny model of tests/test_bench.py, for the dry run's training step.
+# The tiny model of tests/tools/test_bench.py, for the dry run's training step.
 _TINY = ["model.vocab_size=320", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
          "model.num_kv_heads=1", "model.moe.num_experts=4", "model.moe.expert_hidden_size=16",
          "data.max_chars=60000", "train.micro_batch_size=2", "train.seq_len=16"]

@@ -8,7 +8,7 @@
 #
 #   tools/gpu_check.sh [--dry-run] [--out DIR]
 #
-# --dry-run: this machine's .venv, no wheels, tiny sizes: proves the wiring on a CPU (tests/test_gpu_check.py).
+# --dry-run: this machine's .venv, no wheels, tiny sizes: proves the wiring on a CPU (tests/tools/test_gpu_check.py).
 # Environment: PYTHON (default python3; .venv/bin/python in a dry run), MOE_WHEELS (the wheel folder, default .whl).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

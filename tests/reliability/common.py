@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes" / "tiny.yaml")
 
-# A model of ~30k parameters on 60k characters of the default corpus (as tests/test_train.py's SMALL).
+# A model of ~30k parameters on 60k characters of the default corpus (as tests/moe/test_trainer.py's SMALL).
 SMALL = ["model.vocab_size=320", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
          "model.num_kv_heads=1", "model.moe.num_experts=4", "model.moe.expert_hidden_size=16",
          "data.max_chars=60000", "train.micro_batch_size=2", "train.seq_len=16", "train.warmup_steps=2",

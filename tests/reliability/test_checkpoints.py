@@ -1,7 +1,7 @@
 """Damaged checkpoints: every file of a checkpoint, flipped, truncated or deleted, is refused naming the file;
 a damaged manifest or ``latest`` marker too; ``--resume`` falls back to the newest intact checkpoint and says so.
 
-(tests/test_train.py covers a damaged ``model.safetensors`` end to end; these cover the other files, the
+(tests/moe/test_trainer.py covers a damaged ``model.safetensors`` end to end; these cover the other files, the
 manifest, the marker, and the case where nothing intact is left.)
 """
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from moe.cli import main
 from moe.hf.export_hf import export_hf
 from moe.hf.import_hf import import_hf
-from tests.hf.helpers import make_run, tiny_config
+from tests.moe.hf.helpers import make_run, tiny_config
 from tests.exploit import Exploit, plant
 
 LLAMA = dict(model_type="llama", vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=1,

@@ -10,9 +10,9 @@ import pytest
 from moe.generate import ByteTokenizer, eos_token_ids
 from moe.hf.export_hf import export_hf
 from moe.hf.tokenizer_files import FORCED_FAMILY_TOKENIZER, byte_level_tokenizer
-from tests.hf.helpers import TEXTS, TOK_VOCAB, assert_same_tokenizer, make_run, tiny_config
+from tests.moe.hf.helpers import TEXTS, TOK_VOCAB, assert_same_tokenizer, make_run, tiny_config
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a test dependency: a missing one fails, it does not skip
 
 
 def test_byte_level_tokenizer_ids_are_the_utf8_bytes():

@@ -11,7 +11,7 @@ import torch
 from moe.cli import main
 from moe.generate import ByteTokenizer, FileTokenizer, folder_tokenizer, generate, generate_text, load_model
 from moe.model import MoEModel
-from tests.hf.helpers import VOCAB, hf_greedy, make_run, randomize_, tiny_config
+from tests.moe.hf.helpers import VOCAB, hf_greedy, make_run, randomize_, tiny_config
 
 
 def test_byte_tokenizer_round_trip():
@@ -70,7 +70,7 @@ def test_stops_at_eos_and_validates():
 
 
 def test_hugging_face_folder_directly_matches_transformers_generate(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.Qwen2MoeConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,

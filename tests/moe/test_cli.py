@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from moe.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_train_end_to_end_through_the_cli(tmp_path):

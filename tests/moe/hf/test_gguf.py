@@ -14,10 +14,10 @@ import torch
 from moe.cli import main
 from moe.hf.export_hf import export_hf
 from moe.hf.gguf_arch import gguf_arch
-from tests.hf.gguf_cases import GGUF_CASES, GGUF_REFUSED
-from tests.hf.helpers import TOK_VOCAB, bpe_tokenizer_json, make_run, tiny_config
+from tests.moe.hf.gguf_cases import GGUF_CASES, GGUF_REFUSED
+from tests.moe.hf.helpers import TOK_VOCAB, bpe_tokenizer_json, make_run, tiny_config
 
-gguf = pytest.importorskip("gguf")
+import gguf  # an install requirement: a missing one fails, it does not skip
 
 
 def _read(path):

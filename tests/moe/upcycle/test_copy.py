@@ -8,7 +8,7 @@ import torch
 
 from moe.layer import MoELayer
 from moe.upcycle import upcycle
-from tests.upcycle.common import dense_ffn, dense_model, expert_linear, logits, moe_cfg, probe, token_ids
+from tests.moe.upcycle.common import dense_ffn, dense_model, expert_linear, logits, moe_cfg, probe, token_ids
 
 
 @pytest.mark.parametrize("router_init", ["normal", "uniform"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe.upcycle import upcycle
-from tests.upcycle.common import dense_ffn, dense_model, expert_linear, logits, moe_cfg, probe, swiglu, token_ids
+from tests.moe.upcycle.common import dense_ffn, dense_model, expert_linear, logits, moe_cfg, probe, swiglu, token_ids
 
 
 def changed(moe, dense, i):

@@ -19,9 +19,8 @@ from moe.hf.config_map import export_layout
 from moe.hf.export_hf import export_hf
 from moe.hf.import_hf import import_hf
 from moe.rundir import read_run
-from tests.hf.helpers import TOK_VOCAB, check_export_in_transformers, make_run, tiny_config
+from tests.moe.hf.helpers import TOK_VOCAB, check_export_in_transformers, make_run, tiny_config
 
-transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
 SIGMOID = {"name": "sigmoid", "options": {"n_groups": 2, "topk_groups": 1, "route_scale": 1.7}}

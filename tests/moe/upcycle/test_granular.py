@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe.upcycle import upcycle, upcycle_with_report
-from tests.upcycle.common import dense_ffn, dense_model, expert_linear, logits, moe_cfg, probe, token_ids
+from tests.moe.upcycle.common import dense_ffn, dense_model, expert_linear, logits, moe_cfg, probe, token_ids
 
 
 @pytest.mark.parametrize("N, G, k", [(8, 2, 4), (6, 3, 3), (4, 1, 2)])

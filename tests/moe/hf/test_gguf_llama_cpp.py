@@ -13,8 +13,8 @@ import torch
 
 from moe.generate import folder_tokenizer, generate
 from moe.hf.export_hf import export_hf
-from tests.hf.gguf_cases import GGUF_CASES
-from tests.hf.helpers import TEXTS, TOK_VOCAB, make_run, tiny_config
+from tests.moe.hf.gguf_cases import GGUF_CASES
+from tests.moe.hf.helpers import TEXTS, TOK_VOCAB, make_run, tiny_config
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

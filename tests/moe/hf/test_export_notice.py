@@ -6,8 +6,8 @@ import logging
 
 from moe.hf.config_map import export_notice
 from moe.trainer import train
-from tests.hf.helpers import tiny_config
-from tests.test_train import recipe
+from tests.moe.hf.helpers import tiny_config
+from tests.moe.test_trainer import recipe
 
 
 def test_notice_names_why_a_model_has_no_native_layout():

@@ -16,7 +16,7 @@ from moe.upcycle import (
     upcycle,
     upcycle_with_report,
 )
-from tests.upcycle.common import dense_ffn, dense_model, moe_cfg
+from tests.moe.upcycle.common import dense_ffn, dense_model, moe_cfg
 
 
 def test_unknown_method_lists_the_valid_ones():

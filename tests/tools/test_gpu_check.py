@@ -9,7 +9,7 @@ import pytest
 
 from moe.tools import torch_api_check, triton_report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

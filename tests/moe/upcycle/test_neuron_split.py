@@ -5,7 +5,7 @@ import torch
 
 from moe.upcycle import upcycle, upcycle_with_report
 from moe.upcycle.clustering import balanced_assign, balanced_kmeans
-from tests.upcycle.common import dense_ffn, dense_model, expert_linear, logits, moe_cfg, probe, swiglu, token_ids
+from tests.moe.upcycle.common import dense_ffn, dense_model, expert_linear, logits, moe_cfg, probe, swiglu, token_ids
 
 
 def neuron_sets(moe, dense, i):
