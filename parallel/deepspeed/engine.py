@@ -8,8 +8,9 @@ expert-parallel group, E experts, X = E/P experts per rank.
 
 What it does, in order (``DeepSpeedEngine.__init__``):
 
-1. joins the process group (already initialised: used as is; else ``deepspeed.init_distributed``: gloo on CPU,
-   NCCL on CUDA) and validates ``parallel.expert_parallel_size`` against W and E;
+1. gives the rank its share of the machine's cores (``share_cores``), joins the process group (already
+   initialised: used as is; else ``deepspeed.init_distributed``: gloo on CPU, NCCL on CUDA) and validates
+   ``parallel.expert_parallel_size`` against W and E;
 2. builds the expert-parallel and expert-data-parallel groups (``moe.parallel.groups``), hands them to DeepSpeed
    under its name for them, ``ep_size_{P}`` (``moe.parallel.deepspeed.groups``), and shards the experts over them with ``apply_expert_parallel``, which tags expert
    parameters ``allreduce=False`` and ``group_name="ep_size_{P}"``: DeepSpeed reduces their gradients over the
@@ -108,6 +109,7 @@ def _world_and_device(recipe: Recipe) -> torch.device:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    share_cores()
     if on_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -117,6 +119,33 @@ def _world_and_device(recipe: Recipe) -> torch.device:
     if not on_cuda:
         _release_shm_names()
     return torch.device(f"cuda:{local_rank}") if on_cuda else torch.device("cpu")
+
+
+def share_cores() -> int | None:
+    """Give this rank its share of the machine's cores: ``torch.set_num_threads(cores // ranks on this machine)``.
+
+    torch starts one intra-op (OpenMP) thread per core in every process, so N ranks on one machine run N× as many
+    threads as there are cores. GNU OpenMP's idle threads spin-wait (``GOMP_SPINCOUNT``: 300,000 spins, or 100
+    once it manages more threads than cores), so every parallel region's worker, and the thread waiting at its
+    barrier, spin on the cores the other ranks need. Measured with 2 ranks on 2 cores (docs/benchmarks.md):
+    80% of a rank's cycles in libgomp and expert parallelism 2 at ZeRO 0 several times slower than at ZeRO 1/2,
+    which escaped only because gloo's worker thread runs a parallel copy in ZeRO's first step and so throttles
+    the spinning. torchrun sets ``OMP_NUM_THREADS=1`` per rank for the same reason; the DeepSpeed launcher does
+    only with ``--bind_cores_to_rank``. Ranks on this machine: ``LOCAL_WORLD_SIZE`` (torchrun) or ``LOCAL_SIZE``
+    (DeepSpeed's launcher). A user's ``OMP_NUM_THREADS`` is left alone.
+
+    Returns:
+        this rank's intra-op threads now, or None when it was left alone (one rank here, or OMP_NUM_THREADS set).
+    """
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    ranks = int(local) if local.isdigit() else 1
+    if "OMP_NUM_THREADS" in os.environ or ranks <= 1:
+        return None
+    threads = min(torch.get_num_threads(), max(1, len(os.sched_getaffinity(0)) // ranks))
+    torch.set_num_threads(threads)
+    log.info("%d ranks on this machine: %d intra-op thread(s) per rank (OMP_NUM_THREADS sets another number)",
+             ranks, threads)
+    return threads
 
 
 def _release_shm_names() -> None:

@@ -101,3 +101,31 @@ def test_bf16_at_zero_stage_0_starts_and_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     losses = run_losses(out)
     assert sorted(losses) == [1, 2] and all(v == v for v in losses.values())
+
+
+@pytest.mark.parametrize("env, cores, expected", [
+    ({"LOCAL_SIZE": "2"}, 2, 1),                              # DeepSpeed's launcher, 2 ranks on 2 cores
+    ({"LOCAL_WORLD_SIZE": "4", "LOCAL_SIZE": "2"}, 16, 4),    # torchrun's name first
+    ({"LOCAL_SIZE": "3"}, 2, 1),                              # never below one thread
+    ({"LOCAL_SIZE": "1"}, 2, None),                           # one rank here: all the cores
+    ({}, 2, None),                                            # no launcher
+    ({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "2"}, 2, None),   # the user's choice stands
+])
+def test_each_rank_takes_its_share_of_the_cores(monkeypatch, env, cores, expected):
+    """2 ranks × 2 OpenMP threads on 2 cores spin in each other's way: 6× slower at ZeRO 0 (docs/benchmarks.md)."""
+    import torch
+
+    from moe.parallel.deepspeed.engine import share_cores
+
+    for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(16)  # as many as torch would start on a 16-core machine
+        assert share_cores() == expected
+        assert torch.get_num_threads() == (16 if expected is None else expected)
+    finally:
+        torch.set_num_threads(before)
