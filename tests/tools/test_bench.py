@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from moe.cli import main
@@ -17,6 +18,45 @@ def test_bench_train_reports_tokens_per_second(tmp_path, capsys):
                  "--peak-tflops", "1", "--json", str(out), *SMALL, f"data.cache_dir={tmp_path / 'cache'}"]) == 0
     (record,) = json.loads(out.read_text())["records"]
     assert record["expert_parallel_size"] == 1 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
+
+
+def test_bench_train_runs_every_expert_parallel_size_at_every_zero_stage(monkeypatch, capsys):
+    """The commands, not the runs: EP 1 through ``moe train``, EP 2 through the DeepSpeed launcher, each stage."""
+    import subprocess
+
+    import moe.tools.bench_train as bench
+
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "error: not run in this test")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert main(["bench", "train", "--recipes", "recipes/tiny.yaml", "--ep", "1", "2", "--zero", "0", "2"]) == 1
+    shown = [(c[c.index("--num_gpus") + 1] if "--num_gpus" in c else "1", c[-1] if "--num_gpus" not in c else c[-2])
+             for c in commands]
+    assert shown == [("1", "parallel.zero_stage=0"), ("1", "parallel.zero_stage=2"),
+                     ("2", "parallel.zero_stage=0"), ("2", "parallel.zero_stage=2")]
+    assert all(c[-1] == "parallel.expert_parallel_size=2" for c in commands[2:])
+    out = capsys.readouterr().out
+    assert "EP 2  ZeRO 2  error: error: not run in this test" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zero", "3"], "--zero 3: valid stages are 0 1 2"),
+    (["--zero", "one"], "argument --zero: invalid int value: 'one'"),
+    (["--ep", "0"], "--ep 0: expert-parallel sizes are positive integers"),
+    (["parallel.zero_stage=1"], "parallel.zero_stage=1: set by --ep and --zero for each run"),
+    (["--steps", "2"], "--steps must be >= 3"),
+    (["--recipes", "recipes/none.yaml"], "recipe recipes/none.yaml does not exist"),
+])
+def test_bench_train_bad_input_is_a_one_line_error(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "train", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: moe bench train: ") and message in err and err.count("\n") == 1, err
 
 
 def test_bench_layer_quick_case_records_every_implementation(tmp_path, monkeypatch):
