@@ -205,6 +205,22 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     return final
 
 
+# The file of non-expert weights that DeepSpeed writes into every checkpoint (``moe.parallel.deepspeed.checkpoint``);
+# the one-process checkpoints of this module never hold it.
+DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def written_by_deepspeed(root: Path) -> bool:
+    """Whether a resume under ``root`` starts from a DeepSpeed checkpoint: the one ``latest`` names, else the
+    newest folder (``resume_checkpoint``'s first candidate; nothing is verified or loaded here)."""
+    name = read_latest(root)
+    folder = root / name if name is not None and re.fullmatch(r"step_\d+", name) else None
+    if folder is None or not folder.is_dir():
+        folders = step_dirs(root) if root.is_dir() else []
+        folder = folders[-1] if folders else None
+    return folder is not None and (folder / DEEPSPEED_MODEL_FILE).is_file()
+
+
 def resume_checkpoint(root: Path) -> Path | None:
     """The checkpoint to resume from: the one ``latest`` names if intact, else the newest intact one (saying
     so), else None when there is none at all. Damaged checkpoints are reported and skipped, never deleted."""

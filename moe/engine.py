@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from moe.checkpoint import load_checkpoint, model_state, resume_checkpoint, save_checkpoint
+from moe.checkpoint import (DEEPSPEED_MODEL_FILE, load_checkpoint, model_state, resume_checkpoint, save_checkpoint,
+                            written_by_deepspeed)
 from moe.config import Recipe
 from moe.optim import param_groups
+
+log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
@@ -62,17 +66,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_engine(model: torch.nn.Module, recipe: Recipe) -> Engine:
+def build_engine(model: torch.nn.Module, recipe: Recipe, *, resume_from: Path | None = None) -> Engine:
     """``DeepSpeedEngine`` when launched on several processes (``WORLD_SIZE`` > 1, or a process group of several
-    ranks already made) or when the recipe asks for DeepSpeed (``parallel.zero_stage`` > 0 or a
-    ``parallel.deepspeed_config``), even on one process; ``LocalEngine`` otherwise. ``model`` is the full model on
-    the CPU; it is moved to the engine's device (and, under expert parallelism, sharded) here."""
+    ranks already made), when the recipe asks for DeepSpeed (``parallel.zero_stage`` > 0 or a
+    ``parallel.deepspeed_config``), or when the checkpoint a resume from ``resume_from`` (a run's
+    ``checkpoints`` folder) would load was written by DeepSpeed: then DeepSpeed runs on one process too, and
+    re-shards a ZeRO-0 checkpoint of any layout (``moe.parallel.deepspeed.checkpoint``). ``LocalEngine``
+    otherwise. ``model`` is the full model on the CPU; it is moved to the engine's device (and, under expert
+    parallelism, sharded) here."""
     from moe.parallel.groups import launched_world_size
 
     p = recipe.parallel
-    if launched_world_size() > 1 or p.zero_stage > 0 or p.deepspeed_config is not None:
+    asked = launched_world_size() > 1 or p.zero_stage > 0 or p.deepspeed_config is not None
+    if asked or (resume_from is not None and written_by_deepspeed(resume_from)):
         from moe.parallel.deepspeed.engine import DeepSpeedEngine
 
+        if not asked:
+            log.info("resuming a DeepSpeed checkpoint from %s: DeepSpeed on this one process", resume_from)
         return DeepSpeedEngine(model, recipe)
     if p.expert_parallel_size > 1:
         raise ValueError(f"parallel.expert_parallel_size={p.expert_parallel_size} needs that many processes: "
@@ -121,8 +131,10 @@ class LocalEngine:
 
     def resume(self, root: Path) -> int:
         path = resume_checkpoint(root)
-        if path is not None and (path / "mp_rank_00_model_states.pt").is_file():
-            raise ValueError(f"checkpoint {path} was written by DeepSpeed: resume it with DeepSpeed (`deepspeed "
-                             "--num_gpus N --module moe.train ... --resume`, or parallel.deepspeed_config set to a "
-                             "JSON file holding {} on one process)")
+        if path is not None and (path / DEEPSPEED_MODEL_FILE).is_file():
+            # build_engine(..., resume_from=root) picks DeepSpeed for a DeepSpeed checkpoint; this one was not
+            # the first candidate (``latest`` names a one-process checkpoint that is damaged).
+            raise ValueError(f"checkpoint {path}, the newest intact one, was written by DeepSpeed, and the newer "
+                             f"ones under {root} are damaged: move those away, then `moe train RECIPE --out "
+                             f"{root.parent} --resume` resumes it (with DeepSpeed, on one process)")
         return 0 if path is None else load_checkpoint(path, self.model, self.optimizer)

@@ -210,7 +210,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
     # Counted before the engine may shard the experts over ranks.
     params, active, flops_tok = model.num_parameters(), model.num_parameters(active=True), flops_per_token(
         model, t.seq_len)
-    engine: Engine = build_engine(model, recipe)
+    engine: Engine = build_engine(model, recipe, resume_from=out / "checkpoints" if resume else None)
     W, rank, main = engine.world_size, engine.rank, engine.rank == 0
     device = engine.device
     autocast = _autocast(recipe, device)

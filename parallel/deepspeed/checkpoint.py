@@ -207,7 +207,9 @@ def resume(engine: CheckpointedEngine, root: Path) -> int:
     meta = json.loads((folder / "state.json").read_text())
     if "ep_size" not in meta:
         raise ValueError(f"checkpoint {folder} was written by the one-process trainer (moe.checkpoint), not "
-                         "DeepSpeed: resume it without DeepSpeed (`moe train ... --resume` on one process)")
+                         f"DeepSpeed, and is not re-sharded onto DeepSpeed: resume it on one process without "
+                         f"DeepSpeed, `moe train RECIPE --out {root.parent} --resume` with parallel.zero_stage=0 "
+                         "and no parallel.deepspeed_config")
     saved, now = {k: meta[k] for k in layout(engine)}, layout(engine)
     reshard = saved != now
     if reshard:
