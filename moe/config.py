@@ -185,8 +185,9 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how it becomes token blocks (``moe/data/``)."""
 
-    # null: the embedded default corpus (the running Python's standard library sources). Otherwise a local
-    # file, directory or glob (.txt/.md/.py text, .json/.jsonl, .parquet), or a ``datasets`` Hub name.
+    # null: the embedded default corpus (the running Python's standard library sources). ``python:NAME,...``:
+    # the .py sources of installed packages (``stdlib`` or e.g. ``torch``: python:stdlib,torch). Otherwise a
+    # local file, directory or glob (.txt/.md/.py text, .json/.jsonl, .parquet), or a ``datasets`` Hub name.
     source: str | None = None
     format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
     text_field: str = "text"
