@@ -315,8 +315,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
             router.on_optimizer_step(engine.all_reduce_sum if engine.world_size > 1 else None)
         step_s = time.perf_counter() - step_start
         wall += step_s
-        record = {"step": step + 1, "loss": loss_val, "aux_loss": aux_sum / t.grad_accum_steps, "lr": lr,
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / step_s, "skipped_steps": skipped}
+        record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_val,
+                  "aux_loss": aux_sum / t.grad_accum_steps, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_step / step_s, "skipped_steps": skipped}
         if peak:
             record["mfu"] = flops_tok * tokens_per_step / step_s / (peak * W)
         load = stats.load_matrix()
@@ -327,6 +328,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         if (step + 1) % t.log_every == 0 or last:
             for i, layer in enumerate(stats.per_layer()):
                 record.update({f"moe/layer{i}/{k}": v for k, v in layer.items()})
+                # This step's share of the layer's assignments per expert (``moe plot --heatmap``).
+                record[f"moe/layer{i}/load"] = [round(v, 6) for v in load[i].tolist()]
             writer.router_images(load, step + 1, figures=evaluating)
             bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.1e}")
             if main and not bars:
