@@ -199,6 +199,9 @@ class DataConfig:
     # null: train a byte-level BPE of model.vocab_size tokens on the corpus. Else a tokenizer.json path.
     tokenizer: str | None = None
     val_fraction: float = 0.02
+    # Seeds the train/validation split of the documents; null: train.seed. Set it to compare seeds of a run on
+    # the same validation set (each train.seed otherwise holds out other documents).
+    split_seed: int | None = None
     # null: $MOE_CACHE or ~/.cache/moe-train. Tokenised blocks are cached there by content and settings.
     cache_dir: str | None = None
 
