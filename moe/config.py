@@ -235,6 +235,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
+    # Read the training data from this optimizer step's batch on: a run that continues another's weights with
+    # ``--init`` after N steps sets N, and sees the data that run would have seen next, never its first N steps.
+    data_start_step: int = 0
     # Peak dense FLOP/s of one device in TFLOP/s for the MFU figure; null: known GPUs only, no MFU on CPU.
     peak_tflops: float | None = None
     # Warn when an expert of a layer has received no tokens for this many consecutive steps, or has taken over
@@ -249,7 +252,7 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_every", "eval_batches",
                      "keep_checkpoints", "dead_expert_steps", "max_consecutive_skips"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps"):
+        for name in ("eval_every", "save_every", "warmup_steps", "data_start_step"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -285,7 +285,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         stats.reset()
         loss_sum = aux_sum = 0.0
         for micro in range(t.grad_accum_steps):
-            x, y = sampler.batch(step * t.grad_accum_steps + micro)
+            x, y = sampler.batch((t.data_start_step + step) * t.grad_accum_steps + micro)
             x, y = x[rows], y[rows]
             with autocast:
                 result = engine.model(x.to(device), y.to(device))

@@ -83,6 +83,17 @@ def test_split_seed_fixes_the_validation_documents_across_seeds(tmp_path):
     assert len(list(blocks.iterdir())) == 2  # by default each seed holds out other documents
 
 
+def test_data_start_step_continues_the_data_stream(tmp_path, monkeypatch):
+    from moe.data import BlockSampler
+
+    seen = []
+    real_batch = BlockSampler.batch
+    monkeypatch.setattr(BlockSampler, "batch", lambda self, i: seen.append(i) or real_batch(self, i))
+    train(recipe(tmp_path, "train.steps=2", "train.grad_accum_steps=2", "train.data_start_step=3"), tmp_path / "a",
+          progress=False)
+    assert seen == [6, 7, 8, 9]  # micro-batches of optimizer steps 3 and 4 of the stream
+
+
 def test_init_continues_from_a_model_folder(tmp_path):
     first = tmp_path / "first"
     train(recipe(tmp_path, "train.steps=2"), first, progress=False)
