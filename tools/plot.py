@@ -121,8 +121,9 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def summary(run: Run, last: int = 5) -> dict:
     """Final numbers of a run: validation and training loss, median tokens/s, and for MoE runs the max/mean
-    load, dropped fraction and router entropy (means over layers and the last ``last`` logged records) and
-    the dead experts (layer-expert pairs with no assignment in any of the last ``last`` logged loads)."""
+    load, dropped fraction, router entropy and experts per token (means over layers and the last ``last``
+    logged records) and the dead experts (layer-expert pairs with no assignment in any of the last ``last``
+    logged loads)."""
     row: dict = {"run": run.label, "path": str(run.path)}
     if run.val:
         row["val_loss"] = run.val[-1]["val_loss"]
@@ -132,7 +133,7 @@ def summary(run: Run, last: int = 5) -> dict:
         rates = [r["tokens_per_s"] for r in run.train[2:] or run.train if "tokens_per_s" in r]
         if rates:
             row["tokens_per_s"] = statistics.median(rates)
-    for name in ("max_load_ratio", "dropped_fraction", "router_entropy"):
+    for name in ("max_load_ratio", "dropped_fraction", "router_entropy", "experts_per_token"):
         keys = run.layer_keys(name)
         tail = [r for r in run.train if keys and keys[0] in r][-last:]
         values = [r[k] for r in tail for k in keys if k in r]
@@ -149,7 +150,8 @@ def summary(run: Run, last: int = 5) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = [("run", "run", "{}"), ("val_loss", "val loss", "{:.4f}"), ("train_loss", "train loss", "{:.4f}"),
-               ("tokens_per_s", "tokens/s", "{:,.0f}"), ("max_load_ratio", "max/mean load", "{:.2f}"),
+               ("tokens_per_s", "tokens/s", "{:,.0f}"), ("experts_per_token", "experts/token", "{:.2f}"),
+               ("max_load_ratio", "max/mean load", "{:.2f}"),
                ("dead_experts", "dead experts", "{}"), ("dropped_fraction", "dropped", "{:.3f}"),
                ("router_entropy", "router entropy", "{:.2f}")]
     columns = [c for c in columns if any(c[0] in r for r in rows)]

@@ -64,6 +64,7 @@ def test_metrics_tensorboard_and_router_stats(tmp_path):
     for layer in range(2):
         for key in ("aux/load_balancing", "dropped_fraction", "router_entropy", "max_load_ratio"):
             assert f"moe/layer{layer}/{key}" in logged
+        assert logged[f"moe/layer{layer}/experts_per_token"] == pytest.approx(2.0)  # dropless top-2
         load = logged[f"moe/layer{layer}/load"]  # each expert's share of the layer's assignments
         assert len(load) == 4 and sum(load) == pytest.approx(1.0, abs=1e-5)
         assert max(load) / (sum(load) / 4) == pytest.approx(logged[f"moe/layer{layer}/max_load_ratio"], rel=1e-4)
