@@ -37,7 +37,7 @@ from moe.data.sampler import fixed_batches
 from moe.engine import Engine, build_engine
 from moe.hf.config_map import export_notice
 from moe.metrics import DeadExpertWatch, MetricsWriter, RouterCollapseWatch, RouterStats
-from moe.model import MoEModel
+from moe.model import MoEModel, flops_per_token
 from moe.routing.base import Router
 from moe.run_checks import check_out_dir, check_resume, clear_run, merge_init
 
@@ -73,16 +73,6 @@ def lr_at(step: int, recipe: Recipe) -> float:
     progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
-
-
-def flops_per_token(model: MoEModel, seq_len: int) -> float:
-    """Training FLOPs per token: 6 × active non-embedding parameters + attention scores (PaLM appendix B)."""
-    cfg = model.cfg
-    active = model.num_parameters(active=True) - model.embed_tokens.weight.numel()
-    if cfg.tie_word_embeddings:
-        active += model.embed_tokens.weight.numel()  # the tied LM head still multiplies
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.attention_head_dim * seq_len
-    return 6 * active + attention
 
 
 def _autocast(recipe: Recipe, device: torch.device):

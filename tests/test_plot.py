@@ -9,8 +9,7 @@ import yaml
 
 from moe.cli import main
 from moe.config import load_recipe
-from moe.model import MoEModel
-from moe.trainer import flops_per_token
+from moe.model import MoEModel, flops_per_token
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = ["model.vocab_size=320", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",

@@ -6,7 +6,7 @@ load over time, as one PNG; ``--table`` prints a Markdown summary of each run an
 
 A RUN is a run directory of ``moe train`` (``recipe.yaml`` and ``metrics.jsonl``). Tokens are the ``tokens``
 field of the training records, or steps × the recipe's tokens per step (one process) for runs that predate it;
-FLOPs are tokens × ``moe.trainer.flops_per_token`` of the recipe's model (6 × active parameters + attention).
+FLOPs are tokens × ``moe.model.flops_per_token`` of the recipe's model (6 × active parameters + attention).
 ``--offset N`` shifts a run N steps (and the tokens of N of its steps) to the right: a run that continued
 another's weights with ``--init`` then starts where its parent stopped. ``--heatmap`` draws, instead of the
 curves, each MoE run's share of assignments per expert over time (one panel per run, layers stacked).
@@ -97,11 +97,11 @@ def read_run(path: Path, label: str, offset: int) -> Run:
 
 
 def _flops_per_token(recipe) -> float:
-    """``moe.trainer.flops_per_token`` of the recipe's model, built on the meta device (no memory, no init)."""
+    """``moe.model.flops_per_token`` of the recipe's model, built on the meta device (no memory, no init)."""
     import torch
 
     from moe.model import MoEModel
-    from moe.trainer import flops_per_token
+    from moe.model import flops_per_token
 
     with torch.device("meta"):
         model = MoEModel(recipe.model)
