@@ -54,11 +54,26 @@ def test_plot_writes_a_png_and_the_summary_table(tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG_MAGIC
     table = capsys.readouterr().out
     assert "| MoE | 4.8000 | 4.0000 |" in table and "| dense | 4.8000 | 4.0000 |" in table
-    moe_row, dense_row = json.loads(summary.read_text())
+    result = json.loads(summary.read_text())
+    moe_row, dense_row = result["runs"]
+    assert result["groups"] == []  # no label given twice
     # max/mean load: mean over layers (1.0, 1.1) and the last logged records; dead: over the last 5 records
     assert moe_row["max_load_ratio"] == pytest.approx(1.05) and moe_row["dead_experts"] == 1
     assert moe_row["experts"] == 8 and moe_row["tokens_per_s"] == pytest.approx(1011.5)
     assert "max_load_ratio" not in dense_row and dense_row["val_step"] == 20
+
+
+def test_runs_with_one_label_are_seeds_summarised_as_mean_and_std(tmp_path, capsys):
+    runs = [make_run(tmp_path / f"s{i}", moe=False, steps=s) for i, s in enumerate((10, 20, 30))]
+    summary = tmp_path / "summary.json"
+    assert main(["plot", *map(str, runs), "--out", str(tmp_path / "x.png"), "--json", str(summary), "--table",
+                 "--label", "dense", "--label", "dense", "--label", "other"]) == 0
+    (group,) = json.loads(summary.read_text())["groups"]
+    # final validation losses 4.9 and 4.8 (5.0 - 0.01·step); training losses 5.0 and 4.0 (6.0 - 0.1·step)
+    assert group["run"] == "dense" and group["runs"] == 2
+    assert group["val_loss"] == pytest.approx(4.85) and group["val_loss_std"] == pytest.approx(0.05 * 2 ** 0.5)
+    assert group["train_loss"] == pytest.approx(4.5) and group["train_loss_std"] == pytest.approx(0.5 * 2 ** 0.5)
+    assert "| dense | 2 | 4.8500 ± 0.0707 | 4.5000 ± 0.7071 |" in capsys.readouterr().out
 
 
 def test_heatmap_of_expert_load(tmp_path):

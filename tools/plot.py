@@ -1,5 +1,6 @@
 """Plot and compare training runs: training and validation loss against steps, tokens and FLOPs, and expert
-load over time, as one PNG; ``--table`` prints a Markdown summary of each run and ``--json`` writes it.
+load over time, as one PNG; ``--table`` prints a Markdown summary of each run and ``--json`` writes it. Runs
+given one ``--label`` (the seeds of one setting) share a colour, and the table adds their mean ± std.
 
     moe plot RUN [RUN ...] --out FILE.png [--x steps tokens flops] [--label NAME ...] [--offset STEPS ...]
              [--smooth N] [--title TEXT] [--heatmap] [--table] [--json FILE]
@@ -168,6 +169,36 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def group_rows(rows: list[dict]) -> list[dict]:
+    """Per label given to two or more runs (seeds of one setting): the number of runs and the mean and sample
+    standard deviation of the final validation and training loss, and the mean tokens/s."""
+    out = []
+    for label in dict.fromkeys(r["run"] for r in rows):
+        group = [r for r in rows if r["run"] == label]
+        if len(group) < 2:
+            continue
+        row = {"run": label, "runs": len(group)}
+        for key in ("val_loss", "train_loss", "tokens_per_s"):
+            values = [r[key] for r in group if key in r]
+            if len(values) == len(group):
+                row[key] = statistics.fmean(values)
+                row[key + "_std"] = statistics.stdev(values)
+        out.append(row)
+    return out
+
+
+def group_table(groups: list[dict]) -> str:
+    lines = ["| setting | runs | val loss (mean ± std) | train loss (mean ± std) | tokens/s (mean) |",
+             "|---|---|---|---|---|"]
+    for g in groups:
+        cells = [g["run"], str(g["runs"])]
+        for key, fmt in (("val_loss", "{:.4f} ± {:.4f}"), ("train_loss", "{:.4f} ± {:.4f}")):
+            cells.append(fmt.format(g[key], g[key + "_std"]) if key in g else "–")
+        cells.append(f"{g['tokens_per_s']:,.0f}" if "tokens_per_s" in g else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(runs: list[Run], axes: list[str], out: Path, smooth_window: int, title: str | None) -> None:
     import matplotlib
 
@@ -178,21 +209,23 @@ def plot_curves(runs: list[Run], axes: list[str], out: Path, smooth_window: int,
     nrows = 3 if load_rows else 2
     fig, grid = plt.subplots(nrows, len(axes), figsize=(5.2 * len(axes), 3.6 * nrows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(run.label for run in runs))  # runs with one label (seeds) share a colour
     for i, run in enumerate(runs):
-        color = colors[i % len(colors)]
+        color = colors[labels.index(run.label) % len(colors)]
+        label = run.label if runs.index(next(r for r in runs if r.label == run.label)) == i else "_nolegend_"
         for col, axis in enumerate(axes):
             if run.train:
                 grid[0][col].plot(run.x(run.train, axis), smooth([r["loss"] for r in run.train], smooth_window),
-                                  color=color, label=run.label, lw=1.2)
+                                  color=color, label=label, lw=1.2)
             if run.val:
                 grid[1][col].plot(run.x(run.val, axis), [r["val_loss"] for r in run.val], color=color,
-                                  marker="o", ms=3, label=run.label, lw=1.2)
+                                  marker="o", ms=3, label=label, lw=1.2)
             keys = run.layer_keys("max_load_ratio")
             if load_rows and keys:
                 logged = [r for r in run.train if keys[0] in r]
                 grid[2][col].plot(run.x(logged, axis), smooth([statistics.fmean(r[k] for k in keys if k in r)
                                                                for r in logged], smooth_window),
-                                  color=color, label=run.label, lw=1.2)
+                                  color=color, label=label, lw=1.2)
     names = ["training loss" + (f" (mean of {smooth_window} records)" if smooth_window > 1 else ""),
              "validation loss", "max/mean expert load (mean over layers)"]
     for row in range(nrows):
@@ -305,10 +338,13 @@ def run(args: argparse.Namespace) -> int:
         plot_heatmaps(runs, args.out, args.title)
     else:
         plot_curves(runs, args.x, args.out, args.smooth, args.title)
+    groups = group_rows(rows)
     if args.table:
         print(markdown_table(rows))
+        if groups:
+            print("\n" + group_table(groups))
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text(json.dumps({"runs": rows, "groups": groups}, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
