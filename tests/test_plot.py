@@ -53,7 +53,8 @@ def test_plot_writes_a_png_and_the_summary_table(tmp_path, capsys):
                  "--table", "--json", str(summary), "--smooth", "3"]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
     table = capsys.readouterr().out
-    assert "| MoE | 4.8000 | 4.0000 |" in table and "| dense | 4.8000 | 4.0000 |" in table
+    # training loss: the mean of the last 10% of the records (steps 19 and 20: 4.1 and 4.0)
+    assert "| MoE | 4.8000 | 4.0500 |" in table and "| dense | 4.8000 | 4.0500 |" in table
     result = json.loads(summary.read_text())
     moe_row, dense_row = result["runs"]
     assert result["groups"] == []  # no label given twice
@@ -69,11 +70,12 @@ def test_runs_with_one_label_are_seeds_summarised_as_mean_and_std(tmp_path, caps
     assert main(["plot", *map(str, runs), "--out", str(tmp_path / "x.png"), "--json", str(summary), "--table",
                  "--label", "dense", "--label", "dense", "--label", "other"]) == 0
     (group,) = json.loads(summary.read_text())["groups"]
-    # final validation losses 4.9 and 4.8 (5.0 - 0.01·step); training losses 5.0 and 4.0 (6.0 - 0.1·step)
+    # final validation losses 4.9 and 4.8 (5.0 - 0.01·step); training losses (last record: 10% of 10 and of
+    # 20 records is 1 and 2) 5.0 and 4.05 (6.0 - 0.1·step)
     assert group["run"] == "dense" and group["runs"] == 2
     assert group["val_loss"] == pytest.approx(4.85) and group["val_loss_std"] == pytest.approx(0.05 * 2 ** 0.5)
-    assert group["train_loss"] == pytest.approx(4.5) and group["train_loss_std"] == pytest.approx(0.5 * 2 ** 0.5)
-    assert "| dense | 2 | 4.8500 ± 0.0707 | 4.5000 ± 0.7071 |" in capsys.readouterr().out
+    assert group["train_loss"] == pytest.approx(4.525) and group["train_loss_std"] == pytest.approx(0.475 * 2 ** 0.5)
+    assert "| dense | 2 | 4.8500 ± 0.0707 | 4.5250 ± 0.6718 |" in capsys.readouterr().out
 
 
 def test_heatmap_of_expert_load(tmp_path):

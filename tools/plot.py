@@ -121,7 +121,8 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def summary(run: Run, last: int = 5) -> dict:
-    """Final numbers of a run: validation and training loss, median tokens/s, and for MoE runs the max/mean
+    """Final numbers of a run: validation loss, training loss (mean of the last 10% of the training records),
+    median tokens/s, and for MoE runs the max/mean
     load, dropped fraction, router entropy and experts per token (means over layers and the last ``last``
     logged records) and the dead experts (layer-expert pairs with no assignment in any of the last ``last``
     logged loads)."""
@@ -130,7 +131,8 @@ def summary(run: Run, last: int = 5) -> dict:
         row["val_loss"] = run.val[-1]["val_loss"]
         row["val_step"] = run.val[-1]["step"] + run.offset
     if run.train:
-        row["train_loss"] = run.train[-1]["loss"]
+        tail = run.train[-max(1, len(run.train) // 10):]  # never-seen tokens when no data repeats
+        row["train_loss"] = statistics.fmean(r["loss"] for r in tail)
         rates = [r["tokens_per_s"] for r in run.train[2:] or run.train if "tokens_per_s" in r]
         if rates:
             row["tokens_per_s"] = statistics.median(rates)
@@ -150,7 +152,8 @@ def summary(run: Run, last: int = 5) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    columns = [("run", "run", "{}"), ("val_loss", "val loss", "{:.4f}"), ("train_loss", "train loss", "{:.4f}"),
+    columns = [("run", "run", "{}"), ("val_loss", "val loss", "{:.4f}"),
+               ("train_loss", "train loss (last 10%)", "{:.4f}"),
                ("tokens_per_s", "tokens/s", "{:,.0f}"), ("experts_per_token", "experts/token", "{:.2f}"),
                ("max_load_ratio", "max/mean load", "{:.2f}"),
                ("dead_experts", "dead experts", "{}"), ("dropped_fraction", "dropped", "{:.3f}"),
@@ -188,7 +191,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
 
 
 def group_table(groups: list[dict]) -> str:
-    lines = ["| setting | runs | val loss (mean ± std) | train loss (mean ± std) | tokens/s (mean) |",
+    lines = ["| setting | runs | val loss (mean ± std) | train loss, last 10% (mean ± std) | tokens/s (mean) |",
              "|---|---|---|---|---|"]
     for g in groups:
         cells = [g["run"], str(g["runs"])]
