@@ -8,6 +8,7 @@
     moe upcycle SRC OUT --num-experts E --top-k K --method M [...]   a dense model -> an MoE Hugging Face folder
     moe generate MODEL --prompt TEXT [--max-new-tokens N] [--greedy] [--temperature T] [--seed S]
     moe bench {layer,train} [...]                  benchmarks (``moe.tools.bench_layer``, ``moe.tools.bench_train``)
+    moe plot RUN [RUN ...] --out FILE.png [--table]   loss curves and expert load of runs (moe.tools.plot)
 
 Bad input (a malformed recipe, an unknown key, an impossible value) ends with a one-line ``error:`` message
 and exit status 2; ``--debug`` shows the traceback instead.
@@ -160,6 +161,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench(args.bench_args)
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from moe.tools.plot import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description="Mixture-of-Experts training system")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -188,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bars: plain log lines every train.log_every steps (also when not on a terminal)")
     p.set_defaults(func=_train)
     _add_model_io_commands(sub)
+    from moe.tools.plot import add_arguments as plot_arguments
+
+    p = sub.add_parser("plot", help="plot runs: loss vs steps, tokens and FLOPs, expert load (PNG); --table")
+    plot_arguments(p)
+    p.set_defaults(func=_plot)
     for name, subparser in sub.choices.items():
         if name != "bench":  # bench hands everything after its benchmark's name to the benchmark
             # SUPPRESS: absent after the subcommand, it leaves the top-level --debug as it was.

@@ -185,8 +185,9 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how it becomes token blocks (``moe/data/``)."""
 
-    # null: the embedded default corpus (the running Python's standard library sources). Otherwise a local
-    # file, directory or glob (.txt/.md/.py text, .json/.jsonl, .parquet), or a ``datasets`` Hub name.
+    # null: the embedded default corpus (the running Python's standard library sources). ``python:NAME,...``:
+    # the .py sources of installed packages (``stdlib`` or e.g. ``torch``: python:stdlib,torch). Otherwise a
+    # local file, directory or glob (.txt/.md/.py text, .json/.jsonl, .parquet), or a ``datasets`` Hub name.
     source: str | None = None
     format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
     text_field: str = "text"
@@ -198,6 +199,9 @@ class DataConfig:
     # null: train a byte-level BPE of model.vocab_size tokens on the corpus. Else a tokenizer.json path.
     tokenizer: str | None = None
     val_fraction: float = 0.02
+    # Seeds the train/validation split of the documents; null: train.seed. Set it to compare seeds of a run on
+    # the same validation set (each train.seed otherwise holds out other documents).
+    split_seed: int | None = None
     # null: $MOE_CACHE or ~/.cache/moe-train. Tokenised blocks are cached there by content and settings.
     cache_dir: str | None = None
 
@@ -231,6 +235,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
+    # Read the training data from this optimizer step's batch on: a run that continues another's weights with
+    # ``--init`` after N steps sets N, and sees the data that run would have seen next, never its first N steps.
+    data_start_step: int = 0
     # Peak dense FLOP/s of one device in TFLOP/s for the MFU figure; null: known GPUs only, no MFU on CPU.
     peak_tflops: float | None = None
     # Warn when an expert of a layer has received no tokens for this many consecutive steps, or has taken over
@@ -245,7 +252,7 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_every", "eval_batches",
                      "keep_checkpoints", "dead_expert_steps", "max_consecutive_skips"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps"):
+        for name in ("eval_every", "save_every", "warmup_steps", "data_start_step"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -51,11 +51,13 @@ class RouterStats:
                     sums[name] = sums.get(name, 0.0) + float(r.stats[name])
 
     def per_layer(self) -> list[dict[str, float]]:
-        """Per MoE layer: averaged losses and stats, and ``max_load_ratio`` of the summed load."""
+        """Per MoE layer: averaged losses and stats, ``max_load_ratio`` of the summed load and the mean number of
+        experts that computed each token (``experts_per_token``: k for dropless top-k, less when tokens drop)."""
         out = []
-        for load, sums in zip(self.load, self.sums):
+        for load, sums, per_token in zip(self.load, self.sums, self.experts_per_token):
             layer = {k: v / max(self.micro_batches, 1) for k, v in sums.items()}
             layer["max_load_ratio"] = float(load.max() / load.mean().clamp(min=1e-9))
+            layer["experts_per_token"] = per_token / max(self.micro_batches, 1)  # computed assignments / tokens
             out.append(layer)
         return out
 

@@ -269,3 +269,13 @@ class MoEModel(nn.Module):
                 k = getattr(layer.mlp.router, "top_k", 1)
                 total -= per_expert * (ex.num_experts - k)
         return total
+
+
+def flops_per_token(model: MoEModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × active non-embedding parameters + attention scores (PaLM appendix B)."""
+    cfg = model.cfg
+    active = model.num_parameters(active=True) - model.embed_tokens.weight.numel()
+    if cfg.tie_word_embeddings:
+        active += model.embed_tokens.weight.numel()  # the tied LM head still multiplies
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.attention_head_dim * seq_len
+    return 6 * active + attention

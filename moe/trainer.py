@@ -37,7 +37,7 @@ from moe.data.sampler import fixed_batches
 from moe.engine import Engine, build_engine
 from moe.hf.config_map import export_notice
 from moe.metrics import DeadExpertWatch, MetricsWriter, RouterCollapseWatch, RouterStats
-from moe.model import MoEModel
+from moe.model import MoEModel, flops_per_token
 from moe.routing.base import Router
 from moe.run_checks import check_out_dir, check_resume, clear_run, merge_init
 
@@ -73,16 +73,6 @@ def lr_at(step: int, recipe: Recipe) -> float:
     progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
-
-
-def flops_per_token(model: MoEModel, seq_len: int) -> float:
-    """Training FLOPs per token: 6 × active non-embedding parameters + attention scores (PaLM appendix B)."""
-    cfg = model.cfg
-    active = model.num_parameters(active=True) - model.embed_tokens.weight.numel()
-    if cfg.tie_word_embeddings:
-        active += model.embed_tokens.weight.numel()  # the tied LM head still multiplies
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.attention_head_dim * seq_len
-    return 6 * active + attention
 
 
 def _autocast(recipe: Recipe, device: torch.device):
@@ -228,7 +218,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
             log.warning("%s", notice)
 
     def prepare():
-        return prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=t.seed,
+        split_seed = t.seed if recipe.data.split_seed is None else recipe.data.split_seed
+        return prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=split_seed,
                             progress=bars)
 
     # Rank 0 tokenises and caches; the others then read its cache (and never race it for the CPU).
@@ -284,7 +275,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         stats.reset()
         loss_sum = aux_sum = 0.0
         for micro in range(t.grad_accum_steps):
-            x, y = sampler.batch(step * t.grad_accum_steps + micro)
+            x, y = sampler.batch((t.data_start_step + step) * t.grad_accum_steps + micro)
             x, y = x[rows], y[rows]
             with autocast:
                 result = engine.model(x.to(device), y.to(device))
@@ -315,8 +306,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
             router.on_optimizer_step(engine.all_reduce_sum if engine.world_size > 1 else None)
         step_s = time.perf_counter() - step_start
         wall += step_s
-        record = {"step": step + 1, "loss": loss_val, "aux_loss": aux_sum / t.grad_accum_steps, "lr": lr,
-                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / step_s, "skipped_steps": skipped}
+        record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_val,
+                  "aux_loss": aux_sum / t.grad_accum_steps, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_step / step_s, "skipped_steps": skipped}
         if peak:
             record["mfu"] = flops_tok * tokens_per_step / step_s / (peak * W)
         load = stats.load_matrix()
@@ -327,6 +319,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
         if (step + 1) % t.log_every == 0 or last:
             for i, layer in enumerate(stats.per_layer()):
                 record.update({f"moe/layer{i}/{k}": v for k, v in layer.items()})
+                # This step's share of the layer's assignments per expert (``moe plot --heatmap``).
+                record[f"moe/layer{i}/load"] = [round(v, 6) for v in load[i].tolist()]
             writer.router_images(load, step + 1, figures=evaluating)
             bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.1e}")
             if main and not bars:

@@ -1,4 +1,5 @@
-"""Corpus sources: the embedded default (the standard library's sources), local files, or a Hub dataset.
+"""Corpus sources: the embedded default (the standard library's sources), the sources of installed Python
+packages (``python:stdlib,torch``), local files, or a Hub dataset.
 
 Every source becomes a ``datasets.Dataset`` with one column, ``text``, one document per row. Problems with
 the source (missing, empty, undecodable, a missing text field) are one-line ``ValueError``s naming it.
@@ -7,6 +8,8 @@ the source (missing, empty, undecodable, a missing text field) are one-line ``Va
 from __future__ import annotations
 
 import glob
+import importlib.metadata
+import importlib.util
 import logging
 import sysconfig
 from pathlib import Path
@@ -21,12 +24,21 @@ _TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 _JSON_SUFFIXES = {".json", ".jsonl"}
 
 
-def stdlib_documents(max_chars: int | None) -> list[str]:
-    """The standard library's ``.py`` sources in sorted path order (deterministic), up to ``max_chars``."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+PYTHON_PREFIX = "python:"
+
+
+def _py_files(root: Path) -> list[Path]:
+    """``root``'s ``.py`` files in sorted path order, without folders named ``test`` or ``site-packages`` below
+    ``root`` (the rule the default corpus has always used: another would change the default corpus)."""
+    return sorted(p for p in root.rglob("*.py") if not {"test", "site-packages"} & set(p.relative_to(root).parts))
+
+
+def _read_documents(files: list[Path], max_chars: int | None) -> tuple[list[str], int]:
+    """The UTF-8 texts of ``files`` in order (unreadable ones skipped), cut at ``max_chars`` in all."""
     docs, total = [], 0
     for path in files:
+        if max_chars is not None and total >= max_chars:
+            break
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
@@ -36,12 +48,56 @@ def stdlib_documents(max_chars: int | None) -> list[str]:
         if text:
             docs.append(text)
             total += len(text)
-        if max_chars is not None and total >= max_chars:
-            break
+    return docs, total
+
+
+def stdlib_documents(max_chars: int | None) -> list[str]:
+    """The standard library's ``.py`` sources in sorted path order (deterministic), up to ``max_chars``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = _read_documents(_py_files(root), max_chars)
     if not docs:
         raise ValueError(f"the standard library at {root} has no readable .py files; set data.source")
     log.info("default corpus: %d characters from %d files under %s", total, len(docs), root)
     return docs
+
+
+def _package_root(name: str) -> Path:
+    """The folder of the installed top-level package ``name`` (found without importing it)."""
+    if name == "stdlib":
+        return Path(sysconfig.get_paths()["stdlib"])
+    valid = f"{PYTHON_PREFIX}NAME[,NAME...] takes 'stdlib' or installed top-level packages, e.g. python:stdlib,torch"
+    if not name.isidentifier():
+        raise ValueError(f"data.source: {name!r} is not a package name; {valid}")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"data.source: no installed package {name!r}; {valid}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def python_documents(source: str, max_chars: int | None) -> list[str]:
+    """``python:NAME[,NAME...]``: the ``.py`` sources of the named installed packages (``stdlib``: the standard
+    library, as the default corpus) in the order named, each in sorted path order, test folders left out, up
+    to ``max_chars`` in all. Deterministic for fixed package versions (torch is pinned, so
+    ``python:stdlib,torch`` is the same text on every machine with the same Python and torch)."""
+    names = [n.strip() for n in source[len(PYTHON_PREFIX):].split(",")]
+    if not all(names):
+        raise ValueError(f"data.source: {source!r} has an empty package name; e.g. python:stdlib,torch")
+    files = [f for name in names for f in _py_files(_package_root(name))]
+    docs, total = _read_documents(files, max_chars)
+    if not docs:
+        raise ValueError(f"data.source: {source} has no readable .py files")
+    versions = ", ".join(f"{n} {_version(n)}" for n in names)
+    log.info("%s: %d characters from %d files (%s)", source, total, len(docs), versions)
+    return docs
+
+
+def _version(name: str) -> str:
+    if name == "stdlib":
+        return "Python " + sysconfig.get_python_version()
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "version unknown"
 
 
 def _local_files(source: str) -> list[Path]:
@@ -127,6 +183,8 @@ def load_corpus(cfg: DataConfig, cache_dir: Path | None = None) -> datasets.Data
     """
     if cfg.source is None:
         return datasets.Dataset.from_dict({"text": stdlib_documents(cfg.max_chars)})
+    if cfg.source.startswith(PYTHON_PREFIX):
+        return datasets.Dataset.from_dict({"text": python_documents(cfg.source, cfg.max_chars)})
     files = [] if cfg.format == "hub" else _local_files(cfg.source)
     if files:
         fmt = _format_of(files, cfg.format)

@@ -59,14 +59,40 @@ def test_metrics_tensorboard_and_router_stats(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for r in steps:
         assert {"loss", "lr", "tokens_per_s", "grad_norm", "aux_loss", "mfu"} <= set(r)
+        assert r["tokens"] == r["step"] * 2 * 16  # micro_batch_size × seq_len per step
     logged = steps[1]
     for layer in range(2):
         for key in ("aux/load_balancing", "dropped_fraction", "router_entropy", "max_load_ratio"):
             assert f"moe/layer{layer}/{key}" in logged
+        assert logged[f"moe/layer{layer}/experts_per_token"] == pytest.approx(2.0)  # dropless top-2
+        load = logged[f"moe/layer{layer}/load"]  # each expert's share of the layer's assignments
+        assert len(load) == 4 and sum(load) == pytest.approx(1.0, abs=1e-5)
+        assert max(load) / (sum(load) / 4) == pytest.approx(logged[f"moe/layer{layer}/max_load_ratio"], rel=1e-4)
+    assert "moe/layer0/load" not in steps[0]  # only at log steps
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert result.val_loss == records[-1]["val_loss"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_split_seed_fixes_the_validation_documents_across_seeds(tmp_path):
+    blocks = tmp_path / "cache" / "blocks"
+    train(recipe(tmp_path, "train.steps=1", "train.seed=0"), tmp_path / "a", progress=False)
+    train(recipe(tmp_path, "train.steps=1", "train.seed=1", "data.split_seed=0"), tmp_path / "b", progress=False)
+    assert len(list(blocks.iterdir())) == 1  # the same split, so the same cached blocks
+    train(recipe(tmp_path, "train.steps=1", "train.seed=1"), tmp_path / "c", progress=False)
+    assert len(list(blocks.iterdir())) == 2  # by default each seed holds out other documents
+
+
+def test_data_start_step_continues_the_data_stream(tmp_path, monkeypatch):
+    from moe.data import BlockSampler
+
+    seen = []
+    real_batch = BlockSampler.batch
+    monkeypatch.setattr(BlockSampler, "batch", lambda self, i: seen.append(i) or real_batch(self, i))
+    train(recipe(tmp_path, "train.steps=2", "train.grad_accum_steps=2", "train.data_start_step=3"), tmp_path / "a",
+          progress=False)
+    assert seen == [6, 7, 8, 9]  # micro-batches of optimizer steps 3 and 4 of the stream
 
 
 def test_init_continues_from_a_model_folder(tmp_path):

@@ -24,6 +24,33 @@ def test_default_corpus_is_the_standard_library(tmp_path):
     assert any("def " in t for t in ds["text"])
 
 
+def test_python_sources_of_installed_packages():
+    from pathlib import Path
+
+    import yaml
+
+    # python:stdlib is the default corpus; several names concatenate in the order named, max_chars over all.
+    assert load_corpus(DataConfig(source="python:stdlib", max_chars=50_000))["text"] == \
+        load_corpus(DataConfig(max_chars=50_000))["text"]
+    root = Path(yaml.__file__).parent
+    files = sorted(p for p in root.rglob("*.py") if not {"test", "site-packages"} & set(p.relative_to(root).parts))
+    expected = [f.read_text(encoding="utf-8") for f in files]
+    assert load_corpus(DataConfig(source="python:yaml", max_chars=None))["text"] == [t for t in expected if t]
+    both = load_corpus(DataConfig(source="python:yaml,stdlib", max_chars=sum(map(len, expected)) + 10))["text"]
+    assert both[: len(expected)] == expected and len(both[-1]) == 10
+
+
+@pytest.mark.parametrize("source, message", [
+    ("python:no_such_package_xyz", "no installed package 'no_such_package_xyz'; python:NAME[,NAME...] takes"),
+    ("python:torch,", "has an empty package name"),
+    ("python:../etc", "'../etc' is not a package name"),
+])
+def test_bad_python_sources_are_one_line_errors(source, message):
+    with pytest.raises(ValueError) as err:
+        load_corpus(DataConfig(source=source))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("fmt", ["txt-dir", "jsonl", "parquet"])
 def test_local_sources(tmp_path, fmt):
     if fmt == "txt-dir":
