@@ -6,7 +6,8 @@ stage.
 
 Each (recipe, EP size, ZeRO stage) runs ``--steps`` optimizer steps in a fresh process: ``moe train`` for EP 1, the
 DeepSpeed launcher with EP processes otherwise (``deepspeed --num_gpus EP --module moe.train ...``), with
-``parallel.zero_stage`` set to the stage (above 0, DeepSpeed runs even at EP 1), and evaluation and checkpoints
+``parallel.zero_stage`` set to the stage (above 0, DeepSpeed runs even at EP 1; without ``--zero``, each recipe's
+own stage), and evaluation and checkpoints
 off. The figures are medians over the steps after the first two (warm-up), read from the run's ``metrics.jsonl``;
 ``tokens_per_s`` counts the global batch of all processes. MFU needs the device's peak (``--peak-tflops``, per
 process); it is known for common GPUs and absent on a CPU unless given. The EP=2 ZeRO 0/1/2 table of
@@ -68,6 +69,14 @@ def run_one(recipe: str, ep: int, steps: int, peak_tflops: float | None, out: Pa
     return record
 
 
+def _recipe_stage(recipe: str) -> int:
+    """The ZeRO stage a recipe file sets (``parallel.zero_stage``, 0 when absent)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / recipe).read_text()) or {}
+    return int((data.get("parallel") or {}).get("zero_stage", 0))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit status 2 (argparse prints its usage first)
         print(f"error: {self.prog}: {message}", file=sys.stderr)
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="moe bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=["recipes/tiny.yaml", "recipes/small.yaml"])
     parser.add_argument("--ep", nargs="+", type=int, default=[1, 2], help="expert-parallel sizes (= processes)")
-    parser.add_argument("--zero", nargs="+", type=int, default=[0], help="ZeRO stages: 0, 1, 2 (default 0)")
+    parser.add_argument("--zero", nargs="+", type=int, default=None,
+                        help="ZeRO stages: 0, 1, 2 (default: each recipe's parallel.zero_stage)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-process peak for MFU")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per run")
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     bad_ep = [ep for ep in args.ep if ep < 1]
     if bad_ep:
         parser.error(f"--ep {bad_ep[0]}: expert-parallel sizes are positive integers (processes), e.g. --ep 1 2")
-    bad_zero = [z for z in args.zero if z not in ZERO_STAGES]
+    bad_zero = [z for z in args.zero or () if z not in ZERO_STAGES]
     if bad_zero:
         parser.error(f"--zero {bad_zero[0]}: valid stages are {' '.join(map(str, ZERO_STAGES))} (DeepSpeed does not "
                      "support MoE layers under ZeRO-3)")
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes:
             for ep in args.ep:
-                for zero in args.zero:
+                for zero in args.zero or [_recipe_stage(recipe)]:
                     r = run_one(recipe, ep, args.steps, args.peak_tflops, Path(tmp) / f"run-{len(records)}",
                                 args.timeout, args.overrides, zero)
                     records.append(r)

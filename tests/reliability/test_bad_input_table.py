@@ -190,7 +190,7 @@ CASES = {
                            ["scalar.yaml must be a mapping of sections", "got str"]),
     "recipe_not_utf8": (lambda f: ["train", str(f.d / "nonutf8.yaml")], ["nonutf8.yaml is not UTF-8 text"]),
     "missing_recipe": (lambda f: ["train", str(f.d / "none.yaml")],
-                       ["none.yaml does not exist; give a YAML file or a built-in recipe: gpu, small, tiny, tiny-dense"]),
+                       ["none.yaml does not exist; give a YAML file or a built-in recipe: gpu, science, science-dense, small, tiny, tiny-dense"]),
     "recipe_is_a_directory": (lambda f: ["train", str(f.d)], ["is a directory", "; give a YAML file"]),
     # -- override syntax --
     "override_without_equals": (lambda f: _train(f, "train.steps"),

@@ -43,6 +43,20 @@ def test_bench_train_runs_every_expert_parallel_size_at_every_zero_stage(monkeyp
     assert "EP 2  ZeRO 2  error: error: not run in this test" in out
 
 
+def test_bench_train_without_zero_uses_each_recipes_own_stage(monkeypatch, capsys):
+    """recipes/gpu.yaml sets ZeRO 1 and tiny.yaml none: without --zero each runs at its own stage."""
+    import subprocess
+
+    import moe.tools.bench_train as bench
+
+    commands = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or subprocess.CompletedProcess(
+        cmd, 1, "", "error: not run in this test"))
+    assert main(["bench", "train", "--recipes", "recipes/gpu.yaml", "recipes/tiny.yaml", "--ep", "1"]) == 1
+    assert [c[-1] for c in commands] == ["parallel.zero_stage=1", "parallel.zero_stage=0"]
+    assert "recipes/gpu.yaml         EP 1  ZeRO 1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--zero", "3"], "--zero 3: valid stages are 0 1 2"),
     (["--zero", "one"], "argument --zero: invalid int value: 'one'"),
