@@ -268,8 +268,12 @@ def plot_heatmaps(runs: list[Run], out: Path, title: str | None) -> None:
     import numpy as np
 
     moe_runs = [r for r in runs if r.layer_keys("load")]
-    fig, grid = plt.subplots(1, len(moe_runs), figsize=(5.2 * len(moe_runs), 4.2), squeeze=False)
-    for ax, run in zip(grid[0], moe_runs):
+    cols = min(len(moe_runs), 4)  # rows of at most four panels
+    rows = -(-len(moe_runs) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in grid.flat[len(moe_runs):]:
+        ax.set_visible(False)
+    for ax, run in zip(grid.flat, moe_runs):
         keys = run.layer_keys("load")
         logged = [r for r in run.train if all(k in r for k in keys)]
         E = len(logged[0][keys[0]])

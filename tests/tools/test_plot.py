@@ -85,6 +85,19 @@ def test_heatmap_of_expert_load(tmp_path):
     assert out.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_heatmaps_of_many_runs_wrap_into_rows_of_four(tmp_path):
+    import struct
+
+    runs = [str(make_run(tmp_path / f"r{i}")) for i in range(5)]
+    sizes = []
+    for n in (4, 5):
+        out = tmp_path / f"load{n}.png"
+        assert main(["plot", *runs[:n], "--heatmap", "--out", str(out)]) == 0
+        sizes.append(struct.unpack(">II", out.read_bytes()[16:24]))  # the PNG header's width and height
+    (w4, h4), (w5, h5) = sizes
+    assert w5 == w4 and h5 == 2 * h4  # a fifth run starts a second row; the width stays that of four panels
+
+
 def test_x_axes_tokens_flops_and_offsets(tmp_path):
     from moe.tools.plot import read_run
 
