@@ -211,8 +211,8 @@ def plot_curves(runs: list[Run], axes: list[str], out: Path, smooth_window: int,
     load_rows = any(r.layer_keys("max_load_ratio") for r in runs)
     nrows = 3 if load_rows else 2
     fig, grid = plt.subplots(nrows, len(axes), figsize=(5.2 * len(axes), 3.6 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = list(dict.fromkeys(run.label for run in runs))  # runs with one label (seeds) share a colour
+    colors = distinct_colors(len(labels))
     for i, run in enumerate(runs):
         color = colors[labels.index(run.label) % len(colors)]
         label = run.label if runs.index(next(r for r in runs if r.label == run.label)) == i else "_nolegend_"
@@ -258,6 +258,14 @@ def _autoscale_losses(grid, runs: list[Run], axes: list[str]) -> None:
             pad = 0.05 * (high - low or 1.0)
             for col in range(len(axes)):
                 grid[row][col].set_ylim(low - pad, high + pad)
+
+
+def distinct_colors(n: int) -> list:
+    """``n`` colours, no two alike: matplotlib's cycle of 10, or its 20-colour table for more settings."""
+    import matplotlib.pyplot as plt
+
+    base = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return list(base[:n]) if n <= len(base) else [plt.get_cmap("tab20")(i % 20) for i in range(n)]
 
 
 def plot_heatmaps(runs: list[Run], out: Path, title: str | None) -> None:

@@ -85,6 +85,13 @@ def test_heatmap_of_expert_load(tmp_path):
     assert out.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.parametrize("n", [1, 10, 11, 20])
+def test_every_setting_gets_its_own_colour(n):
+    from moe.tools.plot import distinct_colors
+
+    assert len({str(c) for c in distinct_colors(n)}) == n
+
+
 def test_heatmaps_of_many_runs_wrap_into_rows_of_four(tmp_path):
     import struct
 
