@@ -101,8 +101,7 @@ def _flops_per_token(recipe) -> float:
     """``moe.model.flops_per_token`` of the recipe's model, built on the meta device (no memory, no init)."""
     import torch
 
-    from moe.model import MoEModel
-    from moe.model import flops_per_token
+    from moe.model import MoEModel, flops_per_token
 
     with torch.device("meta"):
         model = MoEModel(recipe.model)
@@ -281,13 +280,17 @@ def plot_heatmaps(runs: list[Run], out: Path, title: str | None) -> None:
     fig, grid = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
     for ax in grid.flat[len(moe_runs):]:
         ax.set_visible(False)
-    for ax, run in zip(grid.flat, moe_runs):
+    panels = []
+    for run in moe_runs:
         keys = run.layer_keys("load")
         logged = [r for r in run.train if all(k in r for k in keys)]
         E = len(logged[0][keys[0]])
         share = np.array([[v for k in keys for v in r[k]] for r in logged]).T  # (layers·E, logged steps)
+        panels.append((run, keys, logged, E, share * E))
+    top = max(float(load.max()) for *_, load in panels)  # one colour scale for every panel: colours compare
+    for ax, (run, keys, logged, E, load) in zip(grid.flat, panels):
         steps = run.x(logged, "steps")
-        image = ax.imshow(share * E, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
+        image = ax.imshow(load, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=top,
                           extent=(steps[0], steps[-1], len(keys) * E - 0.5, -0.5))
         for layer in range(1, len(keys)):
             ax.axhline(layer * E - 0.5, color="white", lw=0.8)
