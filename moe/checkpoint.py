@@ -211,27 +211,29 @@ DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 def written_by_deepspeed(root: Path) -> bool:
-    """Whether a resume under ``root`` starts from a DeepSpeed checkpoint: the one ``latest`` names, else the
-    newest folder (``resume_checkpoint``'s first candidate; nothing is verified or loaded here)."""
-    name = read_latest(root)
-    folder = root / name if name is not None and re.fullmatch(r"step_\d+", name) else None
-    if folder is None or not folder.is_dir():
-        folders = step_dirs(root) if root.is_dir() else []
-        folder = folders[-1] if folders else None
+    """Whether a resume under ``root`` starts from a DeepSpeed checkpoint: ``resume_checkpoint``'s first candidate
+    that exists (nothing is verified or loaded here)."""
+    folder = next((c for c in _resume_candidates(root, warn=False) if c.is_dir()), None)
     return folder is not None and (folder / DEEPSPEED_MODEL_FILE).is_file()
 
 
-def resume_checkpoint(root: Path) -> Path | None:
-    """The checkpoint to resume from: the one ``latest`` names if intact, else the newest intact one (saying
-    so), else None when there is none at all. Damaged checkpoints are reported and skipped, never deleted."""
-    candidates = step_dirs(root)[::-1]
+def _resume_candidates(root: Path, *, warn: bool) -> list[Path]:
+    """The checkpoints a resume tries, in order: the one ``latest`` names, then the others, newest first."""
+    candidates = step_dirs(root)[::-1] if root.is_dir() else []
     name = read_latest(root)
     if name is not None:
         if re.fullmatch(r"step_\d+", name):  # never a path out of ``root``
             named = root / name
             candidates = [named] + [c for c in candidates if c != named]
-        else:
+        elif warn:
             log.warning("%s names %r, not a checkpoint of this folder; ignoring it", root / LATEST, name[:100])
+    return candidates
+
+
+def resume_checkpoint(root: Path) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names if intact, else the newest intact one (saying
+    so), else None when there is none at all. Damaged checkpoints are reported and skipped, never deleted."""
+    candidates = _resume_candidates(root, warn=True)
     for i, path in enumerate(candidates):
         try:
             verify_checkpoint(path)

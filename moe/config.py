@@ -309,6 +309,11 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of the train/validation split: ``data.split_seed``, else ``train.seed``."""
+        return self.train.seed if self.data.split_seed is None else self.data.split_seed
+
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load a YAML recipe (or the defaults when ``path`` is None) and apply dotted overrides."""

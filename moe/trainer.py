@@ -218,8 +218,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, init: st
             log.warning("%s", notice)
 
     def prepare():
-        split_seed = t.seed if recipe.data.split_seed is None else recipe.data.split_seed
-        return prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=split_seed,
+        return prepare_data(recipe.data, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=recipe.split_seed,
                             progress=bars)
 
     # Rank 0 tokenises and caches; the others then read its cache (and never race it for the CPU).

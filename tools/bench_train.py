@@ -70,11 +70,10 @@ def run_one(recipe: str, ep: int, steps: int, peak_tflops: float | None, out: Pa
 
 
 def _recipe_stage(recipe: str) -> int:
-    """The ZeRO stage a recipe file sets (``parallel.zero_stage``, 0 when absent)."""
-    import yaml
+    """The ZeRO stage a recipe file sets (``parallel.zero_stage``)."""
+    from moe.config import load_recipe
 
-    data = yaml.safe_load((ROOT / recipe).read_text()) or {}
-    return int((data.get("parallel") or {}).get("zero_stage", 0))
+    return load_recipe(ROOT / recipe).parallel.zero_stage
 
 
 class _Parser(argparse.ArgumentParser):

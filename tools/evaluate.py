@@ -34,8 +34,7 @@ def evaluate_run(run_dir: Path, batches: int | None) -> dict:
         raise ValueError(f"{run_dir}: tokenizer.json is missing; give run directories of `moe train`")
     data_cfg = from_dict(type(recipe.data), {**recipe.to_dict()["data"], "tokenizer": str(tokenizer)})
     t = recipe.train
-    split_seed = t.seed if recipe.data.split_seed is None else recipe.data.split_seed
-    data = prepare_data(data_cfg, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=split_seed,
+    data = prepare_data(data_cfg, vocab_size=recipe.model.vocab_size, seq_len=t.seq_len, seed=recipe.split_seed,
                         progress=False)
     n_blocks = len(data.val_blocks)
     max_batches = batches if batches is not None else -(-n_blocks // t.micro_batch_size)
